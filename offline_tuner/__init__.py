@@ -1,0 +1,1 @@
+"""Offline SignRound tuner: round-to-nearest and signed-gradient rounding, checkpoint writers."""

@@ -1,0 +1,93 @@
+"""The numeric core: group-wise affine quantization with a learnable rounding offset.
+
+Pure functions of tensors. Round-to-nearest is the special case
+``rounding_offset = 0, max_scale = min_scale = 1``; SignRound tunes all three.
+
+Shapes: a linear weight ``w`` is ``[N, K]`` (PyTorch layout); with group size
+``G`` there are ``K // G`` groups per output row, so per-group tensors are
+``[N, K // G]`` and the rounding offset is ``[N, K]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from signround_vllm.format import LayerQuantSpec
+
+# Smallest |scale| we store: the smallest normal float16 (scales are stored as float16).
+MIN_SCALE_MAGNITUDE = 2.0 ** -14
+MAX_SCALE_MAGNITUDE = 65504.0
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest; the gradient passes straight through."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _as_float16_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the float16 value that will be stored; the gradient passes straight through."""
+    stored = x.clamp(-MAX_SCALE_MAGNITUDE, MAX_SCALE_MAGNITUDE).to(torch.float16).to(x.dtype)
+    return x + (stored - x).detach()
+
+
+def _floor_magnitude(s: torch.Tensor) -> torch.Tensor:
+    """Keep the sign of a scale but lift its magnitude to at least MIN_SCALE_MAGNITUDE."""
+    sign = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
+    return torch.where(s.abs() < MIN_SCALE_MAGNITUDE, sign * MIN_SCALE_MAGNITUDE, s)
+
+
+def group_scales_and_zeros(w_groups: torch.Tensor, spec: LayerQuantSpec,
+                           max_scale: torch.Tensor | None = None,
+                           min_scale: torch.Tensor | None = None):
+    """Scale and zero point of each group from its (clipped) min and max.
+
+    w_groups: [N, K // G, G] float32. max_scale / min_scale: [N, K // G] clipping factors
+    for the group max / min (1.0 = no clipping). Returns (scale, zero) as [N, K // G]
+    float32, scale already rounded to its stored float16 value; zero is None when symmetric.
+    """
+    wmax = w_groups.amax(dim=-1).clamp(min=0)
+    wmin = w_groups.amin(dim=-1).clamp(max=0)
+    if max_scale is not None:
+        wmax = wmax * max_scale
+    if min_scale is not None:
+        wmin = wmin * min_scale
+    if spec.sym:
+        # Full range: the value of largest magnitude maps exactly to -2^(bits-1).
+        largest = torch.where(wmin.abs() > wmax, wmin, wmax)
+        scale = _as_float16_ste(_floor_magnitude(-largest / spec.sym_zero_point))
+        return scale, None
+    scale = _as_float16_ste(_floor_magnitude((wmax - wmin) / spec.max_int))
+    zero = round_ste(-wmin / scale).clamp(0, spec.max_int)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, spec: LayerQuantSpec,
+                    rounding_offset: torch.Tensor | None = None,
+                    max_scale: torch.Tensor | None = None,
+                    min_scale: torch.Tensor | None = None):
+    """Quantize w [N, K] group-wise.
+
+    Returns (w_dequant [N, K] float32, q [N, K] float32 integers in [0, 2^bits),
+    scale [N, K // G], zero [N, K // G] or None). Differentiable in rounding_offset,
+    max_scale and min_scale through straight-through rounding.
+    """
+    n, k = w.shape
+    g = spec.effective_group_size(k)
+    w_groups = w.float().reshape(n, k // g, g)
+    scale, zero = group_scales_and_zeros(w_groups, spec, max_scale, min_scale)
+    zero_used = zero if zero is not None else torch.full_like(scale, float(spec.sym_zero_point))
+    x = w_groups / scale.unsqueeze(-1)
+    if rounding_offset is not None:
+        x = x + rounding_offset.reshape(n, k // g, g)
+    q = (round_ste(x) + zero_used.unsqueeze(-1)).clamp(0, spec.max_int)
+    w_dequant = (q - zero_used.unsqueeze(-1)) * scale.unsqueeze(-1)
+    return w_dequant.reshape(n, k), q.reshape(n, k), scale, zero
+
+
+@torch.no_grad()
+def quantize_weight_to_ints(w: torch.Tensor, spec: LayerQuantSpec,
+                            rounding_offset: torch.Tensor | None = None,
+                            max_scale: torch.Tensor | None = None,
+                            min_scale: torch.Tensor | None = None):
+    """Like quantize_weight, but returns the integers to store: (q int64 [N, K], scale, zero)."""
+    _, q, scale, zero = quantize_weight(w, spec, rounding_offset, max_scale, min_scale)
+    return q.round().to(torch.int64), scale, (zero.round().to(torch.int64) if zero is not None else None)

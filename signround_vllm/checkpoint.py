@@ -1,0 +1,181 @@
+"""Reading and writing SignRound checkpoint folders (torch + safetensors only).
+
+A checkpoint is a complete transformers model folder: ``config.json`` with a
+``quantization_config`` (see :mod:`signround_vllm.format`), one or more
+``*.safetensors`` files holding packed layers and the unquantized rest, and the
+tokenizer and generation-config files of the source model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from signround_vllm.format import (
+    QWEIGHT, QZEROS, SCALES, WORD_BITS, PackedLinear, SignRoundConfig, SignRoundFormatError,
+    dequantize_packed, validate_layer_tensors,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Files copied from the source model folder when present.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SignRoundFormatError(f"{path}: not found; a checkpoint folder needs {CONFIG_FILE}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SignRoundFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_quant_config(ckpt_dir: str | os.PathLike) -> SignRoundConfig:
+    config = read_config(ckpt_dir)
+    if "quantization_config" not in config:
+        raise SignRoundFormatError(f"{Path(ckpt_dir) / CONFIG_FILE}: no quantization_config; "
+                                   f"this is not a quantized checkpoint")
+    try:
+        return SignRoundConfig.from_dict(config["quantization_config"])
+    except SignRoundFormatError as e:
+        raise SignRoundFormatError(f"{Path(ckpt_dir) / CONFIG_FILE}: {e}") from None
+
+
+def weight_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    files = sorted(Path(ckpt_dir).glob("*.safetensors"))
+    if not files:
+        raise SignRoundFormatError(f"{ckpt_dir}: no *.safetensors files")
+    return files
+
+
+def load_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder, by name, from every safetensors file."""
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(ckpt_dir):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if name in out:
+                        raise SignRoundFormatError(f"{f}: tensor {name} also appears in another file")
+                    out[name] = st.get_tensor(name)
+        except SignRoundFormatError:
+            raise
+        except Exception as e:  # safetensors raises its own types for truncated/corrupt files
+            raise SignRoundFormatError(f"{f}: cannot be read as safetensors ({e})") from None
+    return out
+
+
+def split_packed_layers(tensors: Mapping[str, torch.Tensor], config: SignRoundConfig,
+                        source: str = "checkpoint") -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
+    """Group tensors into validated packed layers (by module name) and the remaining tensors."""
+    prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in tensors if name.endswith("." + QWEIGHT))
+    layers: dict[str, PackedLinear] = {}
+    used: set[str] = set()
+    for prefix in prefixes:
+        spec = config.spec_for(prefix)
+        if spec is None:
+            raise SignRoundFormatError(f"{source}: {prefix} is stored quantized but quantization_config "
+                                       f"lists it in modules_to_not_convert")
+        found = {suffix: tensors[f"{prefix}.{suffix}"] for suffix in (QWEIGHT, SCALES, QZEROS)
+                 if f"{prefix}.{suffix}" in tensors}
+        qweight = found[QWEIGHT]
+        if qweight.dim() != 2 or qweight.shape[0] % spec.bits:
+            raise SignRoundFormatError(
+                f"{source}: {prefix}.{QWEIGHT} has shape {tuple(qweight.shape)}; for {spec.bits} bits "
+                f"expected [in_features * {spec.bits} // 32, out_features]")
+        in_features = qweight.shape[0] * WORD_BITS // spec.bits
+        try:
+            validate_layer_tensors(prefix, found, spec, in_features, qweight.shape[1])
+        except SignRoundFormatError as e:
+            raise SignRoundFormatError(f"{source}: {e}") from None
+        layers[prefix] = PackedLinear(qweight=qweight, scales=found[SCALES], qzeros=found.get(QZEROS), spec=spec)
+        used.update(f"{prefix}.{s}" for s in found)
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    return layers, rest
+
+
+def dequantized_state_dict(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The checkpoint as a plain state dict, quantized layers dequantized to `dtype`."""
+    config = read_quant_config(ckpt_dir)
+    layers, rest = split_packed_layers(load_tensors(ckpt_dir), config, str(ckpt_dir))
+    state = dict(rest)
+    for prefix, packed in layers.items():
+        state[f"{prefix}.weight"] = dequantize_packed(packed, dtype)
+    return state
+
+
+def _fresh_temp_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+
+
+def commit_folder(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Move a finished folder into place; the old one (if any and allowed) is removed only after."""
+    if final.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{final} already exists; choose another output folder or pass --overwrite")
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_model_folder(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict,
+                       source_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                       extra_json: Mapping[str, dict] | None = None) -> Path:
+    """Write a model folder atomically: a temporary sibling folder renamed into place.
+
+    `config` is the full config.json content. Tokenizer and generation files are
+    copied from `source_dir` when present. `extra_json` adds more JSON files by name.
+    """
+    final = Path(out_dir)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another output folder or pass --overwrite")
+    tmp = _fresh_temp_dir(final)
+    try:
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if source_dir is not None:
+            for name in SIDE_FILES:
+                src = Path(source_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        commit_folder(tmp, final, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_dequantized_copy(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+    """A plain (unquantized) model folder holding the checkpoint's dequantized weights."""
+    config = read_config(ckpt_dir)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return write_model_folder(out_dir, dequantized_state_dict(ckpt_dir, dtype), config,
+                              source_dir=ckpt_dir, overwrite=overwrite)
+
+
+def iter_quantized_modules(names: Iterable[str]) -> list[str]:
+    return sorted(n[: -len(QWEIGHT) - 1] for n in names if n.endswith("." + QWEIGHT))
+
+
+ProgressFn = Callable[[str], None]

@@ -1,0 +1,73 @@
+"""Tier 1-2: round-to-nearest quantization core."""
+import pytest
+import torch
+
+from signround_vllm.format import SUPPORTED_BITS, LayerQuantSpec, dequantize_packed, pack_linear
+from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints
+
+
+def reference_rtn(w: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """Independent loop-per-group round-to-nearest (asym: min/max incl. 0; sym: full range)."""
+    n, k = w.shape
+    g = spec.effective_group_size(k)
+    out = torch.empty_like(w, dtype=torch.float32)
+    for r in range(n):
+        for c0 in range(0, k, g):
+            grp = w[r, c0:c0 + g].float()
+            if spec.sym:
+                big = grp[grp.abs().argmax()]
+                s = float(torch.tensor(-float(big) / 2 ** (spec.bits - 1)).half())
+                z = 2 ** (spec.bits - 1)
+            else:
+                lo, hi = min(float(grp.min()), 0.0), max(float(grp.max()), 0.0)
+                s = float(torch.tensor((hi - lo) / (2 ** spec.bits - 1)).half())
+                z = min(max(round(-lo / s), 0), 2 ** spec.bits - 1)
+            q = torch.clamp(torch.round(grp / s) + z, 0, 2 ** spec.bits - 1)
+            out[r, c0:c0 + g] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_matches_reference_and_round_trips_through_format(bits, group_size, sym):
+    spec = LayerQuantSpec(bits, group_size, sym)
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(bits + group_size)) * 0.05
+    w_dq, q, scale, zero = quantize_weight(w, spec)
+    assert not torch.isnan(w_dq).any()
+    torch.testing.assert_close(w_dq, reference_rtn(w, spec), rtol=0, atol=1e-6)
+    qi, s, z = quantize_weight_to_ints(w, spec)
+    assert int(qi.min()) >= 0 and int(qi.max()) <= spec.max_int
+    # scales are exactly representable in float16, so the stored checkpoint equals what was computed
+    assert torch.equal(s, s.half().float())
+    packed = pack_linear(qi, s, z, spec)
+    torch.testing.assert_close(dequantize_packed(packed), w_dq, rtol=0, atol=0)
+
+
+def test_rtn_error_is_at_most_half_a_step():
+    spec = LayerQuantSpec(4, 32, False)
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    w_dq, _, scale, _ = quantize_weight(w, spec)
+    step = scale.abs().repeat_interleave(32, dim=1)
+    assert ((w - w_dq).abs() <= step / 2 + 1e-3 * step).all()
+
+
+def test_all_zero_group_is_finite():
+    spec = LayerQuantSpec(3, 32, False)
+    w = torch.zeros(2, 64)
+    w[1, 40] = 1.0
+    w_dq, q, scale, zero = quantize_weight(w, spec)
+    assert torch.isfinite(w_dq).all() and torch.isfinite(scale).all()
+    assert torch.equal(w_dq[0], torch.zeros(64))
+
+
+def test_rounding_offset_and_clipping_have_gradients():
+    spec = LayerQuantSpec(2, 32, False)
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    v = torch.zeros(3, 64, requires_grad=True)
+    a = torch.ones(3, 2, requires_grad=True)
+    b = torch.ones(3, 2, requires_grad=True)
+    w_dq, *_ = quantize_weight(w, spec, v, a, b)
+    ((w_dq - w) ** 2).sum().backward()
+    for t in (v, a, b):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0

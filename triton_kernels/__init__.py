@@ -1,0 +1,1 @@
+"""Triton fused dequantize + GEMM kernels for the SignRound packed format."""
