@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -172,10 +172,3 @@ def write_dequantized_copy(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return write_model_folder(out_dir, dequantized_state_dict(ckpt_dir, dtype), config,
                               source_dir=ckpt_dir, overwrite=overwrite)
-
-
-def iter_quantized_modules(names: Iterable[str]) -> list[str]:
-    return sorted(n[: -len(QWEIGHT) - 1] for n in names if n.endswith("." + QWEIGHT))
-
-
-ProgressFn = Callable[[str], None]

@@ -26,7 +26,7 @@ from vllm.model_executor.parameter import (
 )
 
 from signround_vllm.format import (
-    QUANT_METHOD, QWEIGHT, QZEROS, SCALES, LayerQuantSpec, SignRoundConfig, SignRoundFormatError,
+    QUANT_METHOD, QWEIGHT, LayerQuantSpec, SignRoundConfig, SignRoundFormatError,
     packed_tensor_specs,
 )
 from signround_vllm.kernels import LayerGeometry, choose_kernel

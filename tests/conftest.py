@@ -1,0 +1,17 @@
+"""Test-wide environment: offline, small vLLM footprint, in-process engine, temp files inside the repo."""
+import os
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CACHE_ROOT": str(_ROOT / ".cache" / "vllm"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in _DEFAULTS.items():
+    os.environ.setdefault(_k, _v)

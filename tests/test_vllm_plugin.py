@@ -1,0 +1,113 @@
+"""Tier 2-3: SignRound checkpoints served by vLLM (CPU, in-process) against their own dequantized weights."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from signround_vllm.checkpoint import write_dequantized_copy
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig
+from offline_tuner.default_model import make_tiny_llama
+from offline_tuner.quantize import quantize_checkpoint
+from tests.vllm_utils import TIE_TOLERANCE, check_greedy_agreement, greedy_tokens_and_logprobs, prompt_logprobs, run_on
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 512
+PROMPTS = [[int(t) for t in torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
+           for n in (5, 11, 17, 23)]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0, num_layers=2, hidden=128,
+                           intermediate=256, heads=4, kv_heads=2, vocab_size=VOCAB)
+
+
+def quantize_pair(model_dir, root: Path, spec: LayerQuantSpec, **config_kwargs):
+    ckpt = root / f"ckpt-{spec.short_name()}"
+    quantize_checkpoint(model_dir, ckpt, SignRoundConfig(default=spec, **config_kwargs))
+    return ckpt, write_dequantized_copy(ckpt, root / f"deq-{spec.short_name()}")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_served_tokens_match_dequantized_bf16(tiny_model, tmp_path, bits, sym):
+    spec = LayerQuantSpec(bits, 32 if bits != 8 else 64, sym)
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
+    assert_same_greedy_as(ckpt, deq)
+
+
+def assert_same_greedy_as(ckpt, reference, out=None):
+    """The checkpoint's greedy tokens are the reference's (up to near-ties), with close log-probabilities.
+
+    `out` (per prompt: tokens, logprobs) is computed here from `ckpt` unless given.
+    """
+    if out is None:
+        out = run_on(ckpt, lambda llm: greedy_tokens_and_logprobs(llm, PROMPTS, MAX_TOKENS))
+    quant_tokens, quant_logprobs = [t for t, _ in out], [lp for _, lp in out]
+    ref = run_on(reference, lambda llm: prompt_logprobs(llm, [p + t for p, t in zip(PROMPTS, quant_tokens)]))
+    agreement = check_greedy_agreement(quant_tokens, PROMPTS, ref, quant_logprobs)
+    assert agreement.exact + agreement.ties == agreement.positions, agreement
+    assert agreement.exact >= 0.75 * agreement.positions, agreement
+    assert agreement.max_logprob_diff <= TIE_TOLERANCE, agreement
+
+
+def test_fused_layers_with_different_settings_are_refused(tiny_model, tmp_path):
+    spec = LayerQuantSpec(4, 32, False)
+    ckpt = tmp_path / "ckpt"
+    config = SignRoundConfig(default=spec, layer_overrides={"model.layers.0.self_attn.k_proj": LayerQuantSpec(8, 32, False)})
+    quantize_checkpoint(tiny_model, ckpt, config)
+    with pytest.raises(Exception) as e:
+        run_on(ckpt, lambda llm: None)
+    text = str(e.value)
+    assert "model.layers.0.self_attn.qkv_proj" in text and "same quantization settings" in text
+
+
+def test_unsupported_setting_in_config_is_refused_at_load(tiny_model, tmp_path):
+    ckpt, _ = quantize_pair(tiny_model, tmp_path, LayerQuantSpec(4, 32, False))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception) as e:
+        run_on(ckpt, lambda llm: None)
+    assert "bits=5" in str(e.value) and "supported" in str(e.value)
+
+
+def test_per_layer_override_is_served(tiny_model, tmp_path):
+    # down_proj of layer 1 at 8 bits (dense fallback), everything else 3-bit.
+    spec = LayerQuantSpec(3, 32, False)
+    ckpt = tmp_path / "ckpt"
+    quantize_checkpoint(tiny_model, ckpt, SignRoundConfig(
+        default=spec, layer_overrides={"model.layers.1.mlp.down_proj": LayerQuantSpec(8, 32, True)}))
+    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"))
+
+
+TP_SCRIPT = r"""
+import json, sys
+from tests.vllm_utils import greedy_tokens_and_logprobs, make_llm
+if __name__ == "__main__":
+    path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = make_llm(path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    print("TOKENS=" + json.dumps(greedy_tokens_and_logprobs(llm, prompts, n)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(4, 32, False), LayerQuantSpec(3, -1, True)],
+                         ids=lambda s: s.short_name())
+def test_tensor_parallel_2_matches_single_rank(tiny_model, tmp_path, spec):
+    """Row- and column-parallel shards of packed tensors load correctly (TP=2 on CPU)."""
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS=")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    assert_same_greedy_as(ckpt, deq, out=json.loads(lines[0][len("TOKENS="):]))
