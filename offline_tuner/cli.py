@@ -64,8 +64,21 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--group-size", type=int, default=group_size, choices=SUPPORTED_GROUP_SIZES,
                    help="weights per scale along the input dim; -1 = per output channel (default %(default)s)")
     p.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
-    p.add_argument("--iters", type=int, default=0,
-                   help="SignRound iterations per block; 0 = round-to-nearest (default %(default)s)")
+    p.add_argument("--recipe", default="default", choices=["default", "light", "best", "cpu-demo"],
+                   help="tuning preset: default = 200 iters, 128 x 2048 tokens, batch 8; light = 50 iters; "
+                        "best = 1000 iters, 512 samples; cpu-demo = 40 iters, 32 x 256 tokens, batch 4. "
+                        "Flags below override single fields")
+    p.add_argument("--iters", type=int, help="SignRound iterations per block; 0 = round-to-nearest")
+    p.add_argument("--n-samples", type=int, help="calibration windows")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration window")
+    p.add_argument("--batch-size", type=int, help="windows per tuning step")
+    p.add_argument("--lr", type=float, help="rounding-offset step size (default 1/iters, decayed linearly to 0)")
+    p.add_argument("--minmax-lr", type=float, help="clipping-factor step size (default 1/iters)")
+    p.add_argument("--tune-minmax", action=argparse.BooleanOptionalAction, default=True,
+                   help="also tune the min/max clipping factors (default on)")
+    p.add_argument("--seed", type=int, default=42, help="seed for calibration sampling and batches (default 42)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration text: a .txt file, or .jsonl with a "
+                   "\"text\" field per line (default: built-in Wikipedia calibration split)")
     p.add_argument("--keep-unquantized", nargs="*", default=["lm_head"], metavar="MODULE",
                    help="modules left in full precision (default: lm_head)")
     p.add_argument("--layer-override", action="append", metavar="MODULE:key=value,...",
@@ -81,18 +94,65 @@ def cmd_model_prepare(args) -> int:
     return 0
 
 
+def tuning_from_args(args):
+    """(TuneSettings, Calibration) from --recipe plus any single-field flags."""
+    import dataclasses
+
+    from offline_tuner.quantize import RECIPES
+
+    tune, calib = RECIPES[args.recipe]
+    tune = dataclasses.replace(tune, **{k: v for k, v in {
+        "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
+        "tune_minmax": args.tune_minmax, "seed": args.seed}.items() if v is not None})
+    calib = dataclasses.replace(calib, **{k: v for k, v in {
+        "n_samples": args.n_samples, "seq_len": args.seq_len, "text_file": args.calibration}.items()
+        if v is not None})
+    return tune, calib
+
+
+class IterationBar:
+    """One line per block, redrawn in place on a terminal; a few lines per block otherwise."""
+
+    def __init__(self, n_blocks: int):
+        self.n_blocks = n_blocks
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, block: int, it: int, iters: int, loss: float) -> None:
+        done = it + 1
+        if self.tty:
+            filled = int(30 * done / iters)
+            sys.stderr.write(f"\r  block {block + 1}/{self.n_blocks} [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{done}/{iters} loss {loss:.3e}  ")
+            if done == iters:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif done in (1, iters) or done % max(1, iters // 4) == 0:
+            log(f"  block {block + 1}/{self.n_blocks} iteration {done}/{iters} loss {loss:.3e} "
+                f"({time.perf_counter() - self.t0:.0f} s elapsed)")
+
+
 def cmd_quantize(args) -> int:
     from offline_tuner.quantize import quantize_checkpoint
 
-    if args.iters != 0:
-        raise SignRoundFormatError("--iters > 0 (SignRound tuning) is not available yet in this version; "
-                                   "use --iters 0 for round-to-nearest")
     config = config_from_args(args)
+    tune, calib = tuning_from_args(args)
     model = resolve_model(args.model)
-    log(f"quantizing {model} -> {args.out} ({config.default.short_name()}, round-to-nearest)")
-    result = quantize_checkpoint(model, args.out, config, overwrite=args.overwrite, progress=log)
-    log(f"wrote {result.out_dir} ({result.layers} layers, {result.seconds:.1f} s)")
+    method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
+    log(f"quantizing {model} -> {args.out} ({config.default.short_name()}, {method})")
+    n_blocks = _count_blocks(model)
+    result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib, overwrite=args.overwrite,
+                                 resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks))
+    log(f"wrote {result.out_dir} ({result.layers} layers, {result.seconds:.1f} s, "
+        f"peak memory {result.run_log['peak_rss_bytes'] / 2**30:.2f} GiB)")
     return 0
+
+
+def _count_blocks(model_dir) -> int:
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("num_hidden_layers", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def cmd_dequantize(args) -> int:
@@ -121,8 +181,10 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from offline_tuner.demo import run_demo
 
-    return run_demo(bits=args.bits, group_size=args.group_size, sym=args.sym, eval_windows=args.eval_windows,
-                    eval_seq_len=args.eval_seq_len, progress=log)
+    tune, calib = tuning_from_args(args)
+    return run_demo(config_from_args(args), tune=tune, calibration=calib,
+                    eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, progress=log,
+                    iteration_progress=IterationBar(30))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, or `default` for the embedded SmolLM2-135M-Instruct")
     q.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished block (same settings and seed)")
     add_quant_args(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -152,9 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     demo = sub.add_parser("demo", help="prepare, quantize, serve with vLLM, query over the OpenAI API")
-    demo.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    demo.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES)
-    demo.add_argument("--sym", action="store_true")
+    add_quant_args(demo, bits=4, group_size=64)
+    demo.set_defaults(recipe="cpu-demo")
     demo.add_argument("--eval-windows", type=int, default=4, help="held-out windows for perplexity")
     demo.add_argument("--eval-seq-len", type=int, default=1024, help="tokens per perplexity window")
     demo.set_defaults(func=cmd_demo)
@@ -172,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print("signround: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the tuner's own input errors carry actionable messages
-        from offline_tuner.quantize import TunerInputError
+        from offline_tuner.errors import TunerInputError
         from signround_vllm.server import ServerError
 
         if isinstance(e, (TunerInputError, ServerError)):

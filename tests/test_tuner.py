@@ -1,0 +1,97 @@
+"""SignRound tuner: exact at zero iterations, better than rounding on real activations, resumable."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig
+from offline_tuner.blockwise import capture_block_inputs, run_block_batched, tune_model
+from offline_tuner.default_model import make_tiny_llama, prepare_default_model
+from offline_tuner.quantize import Calibration, load_causal_lm, quantize_checkpoint, quantize_rtn, TunerInputError
+from offline_tuner.signround import TuneSettings, tune_block
+from offline_tuner.text_data import token_windows, wikipedia_text
+
+
+@pytest.fixture(scope="module")
+def tiny_random(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", seed=1, vocab_size=512)
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, -1, True)], ids=str)
+def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_path, spec):
+    config = SignRoundConfig(default=spec)
+    windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    rtn = quantize_rtn(load_causal_lm(tiny_random), config)
+    tuned, logs, _ = tune_model(load_causal_lm(tiny_random), windows, config, TuneSettings(iters=0, batch_size=2),
+                                tmp_path / "out")
+    assert sorted(rtn) == sorted(tuned) and len(rtn) == 14
+    for name in rtn:
+        for a, b in zip(rtn[name], tuned[name]):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_tuned_block_beats_rounding_on_real_activations():
+    from transformers import AutoTokenizer
+
+    path = prepare_default_model()
+    model = load_causal_lm(path)
+    windows = token_windows(AutoTokenizer.from_pretrained(path), wikipedia_text("calibration"), 8, 128, seed=0)
+    x, kwargs = capture_block_inputs(model, windows, torch.device("cpu"))
+    block = model.model.layers[0].float()
+    x = run_block_batched(block, x, kwargs, 4)  # real activations entering block 1
+    block = model.model.layers[1].float()
+    targets = run_block_batched(block, x, kwargs, 4)
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    specs = {n: LayerQuantSpec(2, 32, False) for n in linears}
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    result = tune_block(block, linears, specs, x, targets, kwargs, TuneSettings(iters=30, batch_size=4), 0)
+    assert result.final_tuned_loss < 0.8 * result.final_rtn_loss, result
+    assert not result.fell_back_to_rtn
+    for n, t in result.tunables.items():
+        assert t.rounding_offset.abs().max() <= 0.5 and t.rounding_offset.abs().max() > 0
+        for clip in (t.max_scale, t.min_scale):
+            assert clip.min() >= 0 and clip.max() <= 1
+        assert torch.equal(linears[n].weight, before[n])  # the block's own weights are untouched
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_two_block_model_tunes_serves_and_resumes_identically(tmp_path):
+    from tests.test_vllm_plugin import assert_same_greedy_as
+    from signround_vllm.checkpoint import write_dequantized_copy
+
+    model_dir = make_tiny_llama(tmp_path / "m", seed=2, tokenizer_from=prepare_default_model())
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(wikipedia_text("calibration")[:60000])
+    config = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
+    tune, calib = TuneSettings(iters=8, batch_size=2, seed=3), Calibration(6, 64, str(text_file))
+
+    whole = quantize_checkpoint(model_dir, tmp_path / "whole", config, tune=tune, calibration=calib)
+    log = json.loads((tmp_path / "whole" / "signround_run.json").read_text())
+    assert [b["block"] for b in log["blocks"]] == [0, 1]
+    assert all(b["tuned_loss"] <= b["rtn_loss"] for b in log["blocks"])
+    assert whole.run_log["tuner"]["method"] == "signround"
+
+    def interrupt_in_block_1(block, it, iters, loss):
+        if block == 1 and it == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        quantize_checkpoint(model_dir, tmp_path / "resumed", config, tune=tune, calibration=calib,
+                            iteration_progress=interrupt_in_block_1)
+    assert not (tmp_path / "resumed").exists()  # nothing half-written
+    with pytest.raises(TunerInputError, match="other settings"):
+        quantize_checkpoint(model_dir, tmp_path / "resumed", config, tune=TuneSettings(iters=9, batch_size=2, seed=3),
+                            calibration=calib, resume=True)
+    quantize_checkpoint(model_dir, tmp_path / "resumed", config, tune=tune, calibration=calib, resume=True)
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+    assert_same_greedy_as(tmp_path / "whole", write_dequantized_copy(tmp_path / "whole", tmp_path / "deq"))
