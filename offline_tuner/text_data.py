@@ -275,3 +275,14 @@ def read_text_file(path: str | Path) -> str:
             texts.append(record["text"])
         return "\n\n".join(texts)
     raise ValueError(f"calibration file {p}: unsupported extension {p.suffix!r}; give a .txt or .jsonl file")
+
+
+NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
+
+
+def news_text() -> str:
+    """Out-of-domain evaluation text: the Lee corpus of Australian news articles (one per line) in the
+    gensim wheel. Never used for calibration."""
+    with zipfile.ZipFile(gensim_wheel()) as zf:
+        raw = zf.read(NEWS_MEMBER).decode("utf-8", errors="replace")
+    return "\n\n".join(line.strip() for line in raw.splitlines() if line.strip())
