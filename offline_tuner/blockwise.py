@@ -131,7 +131,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
                    if isinstance(m, torch.nn.Linear) and config.spec_for(prefix + n) is not None}
         specs = {n: config.spec_for(prefix + n) for n in linears}
         original_dtype = next(block.parameters()).dtype
-        block.to(device=device, dtype=torch.float32)
+        block.to(device=device, dtype=torch.float32).requires_grad_(False)
         if i < done_blocks:
             saved = load_file(str(work / f"block_{i}.safetensors"))
             block_ints = {n: (saved[f"{n}.q"], saved[f"{n}.scale"], saved.get(f"{n}.zero")) for n in linears}
