@@ -48,8 +48,8 @@ class TritonDequantGemm:
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
-        if g.device.type != "cuda" and not torch.cuda.is_available():
-            return False, "Triton dequant-GEMM needs a CUDA device"
+        if g.device.type != "cuda":
+            return False, f"Triton dequant-GEMM needs a CUDA device (layer is on {g.device.type})"
         try:
             from triton_kernels.dequant_gemm import dequant_gemm  # noqa: F401
         except ImportError as e:
