@@ -163,6 +163,13 @@ def cmd_dequantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from offline_tuner.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, args.format, overwrite=args.overwrite, progress=log)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from signround_vllm.checkpoint import load_tensors, read_quant_config, split_packed_layers
     from signround_vllm.format import bits_per_weight
@@ -211,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_dequantize)
 
+    e = sub.add_parser("export", help="write a checkpoint's integers and scales as GPTQ or AWQ "
+                                      "for vLLM's built-in methods")
+    e.add_argument("checkpoint")
+    e.add_argument("--format", required=True, choices=["gptq", "awq"],
+                   help="gptq: symmetric 4/8-bit, per-layer settings as `dynamic` rules; awq: 4-bit, one setting")
+    e.add_argument("--out", required=True, help="output folder (written atomically)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    e.set_defaults(func=cmd_export)
+
     i = sub.add_parser("inspect", help="validate a checkpoint and summarise its layers")
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_inspect)
@@ -236,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # the tuner's own input errors carry actionable messages
         from offline_tuner.errors import TunerInputError
+        from offline_tuner.export import ExportError
         from signround_vllm.server import ServerError
 
-        if isinstance(e, (TunerInputError, ServerError)):
+        if isinstance(e, (TunerInputError, ExportError, ServerError)):
             print(f"signround: error: {e}", file=sys.stderr)
             return 2
         raise
