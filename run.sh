@@ -14,6 +14,7 @@ setup_venv() {
   local want; want="$( (cat "$ROOT/run.sh" "$ROOT/pyproject.toml") | sha256sum | cut -c1-16)"
   if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then return 0; fi
   echo "[setup] creating/refreshing $VENV (first time: about 3 minutes, 3.5 GB)"
+  local t0=$SECONDS
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   local pip="$VENV/bin/python -m pip"
   $pip install -q --upgrade pip
@@ -40,7 +41,7 @@ setup_venv() {
     $pip download -q --no-deps --only-binary=:all: gensim==4.4.0 -d "$ROOT/.cache/wheels"
   $pip install -q --no-deps -e "$ROOT"
   echo "$want" > "$STAMP"
-  echo "[setup] done: $(du -sh "$VENV" | cut -f1) in $VENV"
+  echo "[setup] done in $((SECONDS - t0)) s: $(du -sh "$VENV" | cut -f1) in $VENV"
 }
 
 export_runtime_env() {
