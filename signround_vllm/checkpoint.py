@@ -76,10 +76,55 @@ def load_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+_DTYPES = {"I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I16": torch.int16, "BOOL": torch.bool,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+def read_tensor_headers(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor's shape and dtype, as meta tensors, from the safetensors headers (no data read).
+
+    Opening a file checks that it is complete: a truncated or corrupt file is refused here.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(ckpt_dir):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise SignRoundFormatError(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    if name in out:
+                        raise SignRoundFormatError(f"{f}: tensor {name} also appears in another file")
+                    out[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+        except SignRoundFormatError:
+            raise
+        except Exception as e:  # safetensors' own error types for truncated or corrupt files
+            raise SignRoundFormatError(f"{f}: not a complete safetensors file ({e}); copy it again") from None
+    return out
+
+
+def validate_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[SignRoundConfig, dict[str, PackedLinear]]:
+    """Check config and every packed layer's tensors against each other, reading headers only.
+
+    Raises SignRoundFormatError naming the file, tensor or layer, what was found and what was expected.
+    """
+    config = read_quant_config(ckpt_dir)
+    layers, _ = split_packed_layers(read_tensor_headers(ckpt_dir), config, str(ckpt_dir))
+    return config, layers
+
+
 def split_packed_layers(tensors: Mapping[str, torch.Tensor], config: SignRoundConfig,
                         source: str = "checkpoint") -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
     """Group tensors into validated packed layers (by module name) and the remaining tensors."""
     prefixes = sorted(name[: -len(QWEIGHT) - 1] for name in tensors if name.endswith("." + QWEIGHT))
+    known = set(prefixes)
+    orphans = sorted(n for n in tensors for suffix in (SCALES, QZEROS)
+                     if n.endswith("." + suffix) and n[: -len(suffix) - 1] not in known)
+    if orphans:
+        raise SignRoundFormatError(f"{source}: {orphans[:5]} have no matching .{QWEIGHT} tensor; the checkpoint "
+                                   f"is incomplete or mixes formats")
     layers: dict[str, PackedLinear] = {}
     used: set[str] = set()
     for prefix in prefixes:
@@ -101,6 +146,9 @@ def split_packed_layers(tensors: Mapping[str, torch.Tensor], config: SignRoundCo
             raise SignRoundFormatError(f"{source}: {e}") from None
         layers[prefix] = PackedLinear(qweight=qweight, scales=found[SCALES], qzeros=found.get(QZEROS), spec=spec)
         used.update(f"{prefix}.{s}" for s in found)
+        if f"{prefix}.weight" in tensors:
+            raise SignRoundFormatError(f"{source}: {prefix} has both a packed {prefix}.{QWEIGHT} and a plain "
+                                       f"{prefix}.weight; a layer is stored one way or the other")
     rest = {k: v for k, v in tensors.items() if k not in used}
     return layers, rest
 

@@ -73,6 +73,19 @@ class SignRoundVllmConfig(QuantizationConfig):
                 return QUANT_METHOD
         return None
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """Validate a local checkpoint's tensors against its config before the engine starts."""
+        from pathlib import Path
+
+        from signround_vllm.checkpoint import validate_checkpoint
+
+        if not Path(model_name).is_dir():
+            return  # a hub name: vLLM downloads later; the weight loaders still check every tensor
+        try:
+            validate_checkpoint(model_name)
+        except SignRoundFormatError as e:
+            raise ValueError(f"invalid SignRound checkpoint: {e}") from None
+
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         c = self.config
         self.config = dataclasses.replace(
