@@ -39,6 +39,8 @@ def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "aut
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except ValueError as e:
         raise TunerInputError(f"{path}: cannot be loaded as a causal language model ({e})") from None
+    except OSError as e:
+        raise TunerInputError(f"{path}: the model's weights cannot be read ({e})") from None
     model.eval()
     return model
 

@@ -350,6 +350,8 @@ def pack_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | Non
                                    f"{'take no' if spec.sym else 'need'} zero points")
     n, k = q.shape
     spec.check_in_features(k)
+    if not torch.isfinite(scales).all():
+        raise SignRoundFormatError("scales contain NaN or Inf; refusing to store them")
     qweight = pack_int_weights(q.t().contiguous(), spec.bits)
     s = scales.t().contiguous().to(SCALE_DTYPE)
     z = None
