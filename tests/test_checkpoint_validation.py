@@ -104,3 +104,27 @@ def test_vllm_refuses_bad_checkpoint_before_serving(ckpt):
     with pytest.raises(Exception) as e:
         run_on(ckpt, lambda llm: None)
     assert "invalid SignRound checkpoint" in str(e.value) and "not a complete safetensors file" in str(e.value)
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 4000), flips=st.lists(st.tuples(st.integers(0, 3999), st.integers(1, 255)), max_size=4))
+def test_fuzz_corrupted_bytes_are_refused_or_valid(good_ckpt, tmp_path, cut, flips):
+    """Any corruption of the header region either still parses to a valid checkpoint or is refused
+    with SignRoundFormatError; never another exception."""
+    data = bytearray((good_ckpt / "model.safetensors").read_bytes())
+    for pos, xor in flips:
+        data[pos % len(data)] ^= xor
+    if cut:
+        data = data[: len(data) - cut]
+    target = tmp_path / f"fuzz-{cut}-{len(flips)}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    shutil.copy(good_ckpt / "config.json", target / "config.json")
+    (target / "model.safetensors").write_bytes(bytes(data))
+    try:
+        validate_checkpoint(target)
+    except SignRoundFormatError:
+        pass

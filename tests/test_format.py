@@ -147,3 +147,22 @@ def test_packed_linear_tensor_names():
     p = pack_linear(torch.zeros(8, 64, dtype=torch.int64), torch.ones(8, 2), None, spec)
     assert sorted(p.tensors("m.x")) == ["m.x.qweight", "m.x.scales"]
     assert isinstance(p, PackedLinear) and p.qweight.shape == (4, 8)
+
+
+_SPEC_VALUES = st.one_of(st.integers(-3, 260), st.booleans(), st.text(max_size=4), st.none(), st.floats(0, 8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=st.dictionaries(
+    st.sampled_from(["quant_method", "format_version", "bits", "group_size", "sym", "modules_to_not_convert",
+                     "layer_overrides", "tuner", "desc_act"]),
+    st.one_of(_SPEC_VALUES, st.lists(st.text(max_size=6), max_size=3),
+              st.dictionaries(st.text(max_size=8), st.dictionaries(
+                  st.sampled_from(["bits", "group_size", "sym", "zero"]), _SPEC_VALUES, max_size=3), max_size=2))))
+def test_fuzz_config_parsing_round_trips_or_refuses(d):
+    d = {"quant_method": "signround", "format_version": 1, **d} if d.get("quant_method") is None else d
+    try:
+        config = SignRoundConfig.from_dict(d)
+    except SignRoundFormatError:
+        return
+    assert SignRoundConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
