@@ -57,7 +57,8 @@ def send(server: VllmServer, kind: str, payload: dict, stream: bool = False, can
     """One greedy request; returns [(token, top logprobs)] per generated position, or None if cancelled on
     purpose. Raises on any failure."""
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-    extra = {"logprobs": True, "top_logprobs": 2} if kind == "chat" else {"logprobs": 2}
+    # top-5: when the first two tie exactly, a third within tolerance may win under load (seen once)
+    extra = {"logprobs": True, "top_logprobs": 5} if kind == "chat" else {"logprobs": 5}
     body = {"model": server.name, "temperature": 0, **payload, **extra, "stream": stream}
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     try:
