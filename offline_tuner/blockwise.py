@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 from offline_tuner.errors import TunerInputError
@@ -120,7 +121,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        state_file.write_text(json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}))
+        _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
 
     x, kwargs = capture_block_inputs(model, windows, device)
     peak_bytes = 2 * x.numel() * x.element_size()
@@ -152,15 +153,15 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
                 tensors[f"{n}.q"], tensors[f"{n}.scale"] = q.to(torch.uint8).contiguous(), s.contiguous()
                 if z is not None:
                     tensors[f"{n}.zero"] = z.to(torch.uint8).contiguous()
-            save_file(tensors, str(work / f"block_{i}.safetensors"))
+            _write_atomic(work / f"block_{i}.safetensors", save(tensors))
             block_ints = {n: (t[0].to(torch.int64), t[1], t[2].to(torch.int64) if t[2] is not None else None)
                           for n, t in block_ints.items()}
             log = BlockLog(block=i, rtn_loss=result.final_rtn_loss, tuned_loss=result.final_tuned_loss,
                            best_iter=result.best_iter, seconds=time.perf_counter() - t0,
                            fell_back_to_rtn=result.fell_back_to_rtn)
             logs.append(log)
-            state_file.write_text(json.dumps({"run": run_key, "done_blocks": i + 1,
-                                              "blocks": [dataclasses.asdict(b) for b in logs]}))
+            _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": i + 1,
+                                                  "blocks": [dataclasses.asdict(b) for b in logs]}).encode())
             if progress:
                 change = (1 - log.tuned_loss / log.rtn_loss) * 100 if log.rtn_loss > 0 else 0.0
                 note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""
@@ -185,6 +186,13 @@ def _dequantize_ints(q, scale, zero, spec: LayerQuantSpec) -> torch.Tensor:
     g = spec.effective_group_size(k)
     z = zero if zero is not None else torch.full_like(scale, spec.sym_zero_point)
     return ((q.float().reshape(n, k // g, g) - z.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(n, k)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A kill leaves the old file or the new one, never a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def remove_work_dir(out_dir: Path) -> None:

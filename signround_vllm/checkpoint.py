@@ -7,6 +7,8 @@ tokenizer and generation-config files of the source model.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -165,15 +167,56 @@ def dequantized_state_dict(ckpt_dir: str | os.PathLike, dtype: torch.dtype = tor
 
 def _fresh_temp_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    _remove_abandoned_siblings(final)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_siblings(final: Path) -> None:
+    """Temporary folders of writers that were killed before they could clean up (their PID is gone)."""
+    for kind in ("partial", "old"):
+        prefix = f".{final.name}.{kind}-"
+        for p in final.parent.glob(prefix + "*"):
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def commit_folder(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Move a finished folder into place; the old one (if any and allowed) is removed only after."""
+    """Move a finished folder into place. An existing one (if allowed) is swapped out in one step
+    where the OS can (Linux), so a reader or a killed writer never sees the path missing."""
     if final.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise FileExistsError(f"{final} already exists; choose another output folder or pass --overwrite")
+        if _exchange_paths(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+            return
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
