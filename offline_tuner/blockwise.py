@@ -1,9 +1,11 @@
 """Block-by-block driver for SignRound: capture, tune, replay, resume.
 
 Walks the decoder blocks of a Llama-style transformers model (`model.model.layers`).
-The first block's inputs are captured once; each block is tuned against its own
-full-precision output on the inputs produced by the already-quantized blocks before
-it; its quantized output feeds the next block. After each block the integers are
+The first block's inputs are captured once, then two activation streams run through
+the blocks: the full-precision model's and the quantized model's. Each block is tuned so
+that, fed the quantized stream (the outputs of the already-quantized blocks before it),
+its output matches the full-precision stream's output of the same block; so each block
+also corrects the error accumulated before it. After each block the integers are
 saved in a work folder, so an interrupted run resumes from the last finished block
 and ends with the same checkpoint as an uninterrupted one.
 """
@@ -20,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save
 
-from signround_vllm.format import LayerQuantSpec, SignRoundConfig
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig, dequantize_ints
 from offline_tuner.errors import TunerInputError
 from offline_tuner.signround import BlockResult, TuneSettings, block_integers, run_block, tune_block
 
@@ -123,8 +125,9 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         work.mkdir(parents=True)
         _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
 
-    x, kwargs = capture_block_inputs(model, windows, device)
-    peak_bytes = 2 * x.numel() * x.element_size()
+    x_fp, kwargs = capture_block_inputs(model, windows, device)
+    x_q = x_fp  # the quantized stream; the two part after block 0
+    peak_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
     integers: dict[str, tuple] = {}
     for i, block in enumerate(blocks):
         prefix = f"model.layers.{i}."
@@ -133,20 +136,19 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         specs = {n: config.spec_for(prefix + n) for n in linears}
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32).requires_grad_(False)
+        x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size)  # this block's targets
         if i < done_blocks:
             saved = load_file(str(work / f"block_{i}.safetensors"))
             block_ints = {n: (saved[f"{n}.q"], saved[f"{n}.scale"], saved.get(f"{n}.zero")) for n in linears}
         else:
             t0 = time.perf_counter()
-            targets = run_block_batched(block, x, kwargs, settings.batch_size)
 
             def on_iter(it, loss, _i=i):
                 if iteration_progress:
                     iteration_progress(_i, it, settings.iters, loss)
 
-            result: BlockResult = tune_block(block, linears, specs, x, targets, kwargs, settings,
+            result: BlockResult = tune_block(block, linears, specs, x_q, x_fp, kwargs, settings,
                                              generator_seed=settings.seed * 1000 + i, progress=on_iter)
-            del targets
             block_ints = block_integers(linears, specs, result.tunables)
             tensors = {}
             for n, (q, s, z) in block_ints.items():
@@ -167,14 +169,14 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
                 note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""
                 progress(f"block {i + 1}/{len(blocks)}: loss round-to-nearest {log.rtn_loss:.3e} -> "
                          f"SignRound {log.tuned_loss:.3e} ({change:.0f}% lower), {log.seconds:.1f} s{note}")
-        # Replace the weights by their quantized values so the next block sees quantized outputs.
+        # Replace the weights by their quantized values: the quantized stream goes on through them.
         with torch.no_grad():
             for n, lin in linears.items():
                 q, s, z = block_ints[n]
                 lin.weight.copy_(_dequantize_ints(q, s, z, specs[n]))
                 integers[prefix + n] = (q, s, z)
-        x = run_block_batched(block, x, kwargs, settings.batch_size)
-        if not torch.isfinite(x).all():
+        x_q = run_block_batched(block, x_q, kwargs, settings.batch_size)
+        if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
             raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
                              f"calibration data contain NaN/Inf")
         block.to(device="cpu", dtype=original_dtype)
@@ -182,10 +184,8 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
 
 
 def _dequantize_ints(q, scale, zero, spec: LayerQuantSpec) -> torch.Tensor:
-    n, k = q.shape
-    g = spec.effective_group_size(k)
-    z = zero if zero is not None else torch.full_like(scale, spec.sym_zero_point)
-    return ((q.float().reshape(n, k // g, g) - z.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)).reshape(n, k)
+    """The format's dequantization, for the tuner's [N, K] orientation."""
+    return dequantize_ints(q.t(), scale.t(), zero.t() if zero is not None else None, spec).t()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

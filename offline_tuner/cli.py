@@ -76,6 +76,9 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--minmax-lr", type=float, help="clipping-factor step size (default 1/iters)")
     p.add_argument("--tune-minmax", action=argparse.BooleanOptionalAction, default=True,
                    help="also tune the min/max clipping factors (default on)")
+    p.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the block's matmuls in bf16 while tuning, on CUDA or a CPU with native bf16 "
+                        "(default on; tunables and loss stay fp32)")
     p.add_argument("--seed", type=int, default=42, help="seed for calibration sampling and batches (default 42)")
     p.add_argument("--calibration", metavar="FILE", help="calibration text: a .txt file, or .jsonl with a "
                    "\"text\" field per line (default: built-in Wikipedia calibration split)")
@@ -103,7 +106,8 @@ def tuning_from_args(args):
     tune, calib = RECIPES[args.recipe]
     tune = dataclasses.replace(tune, **{k: v for k, v in {
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
-        "tune_minmax": args.tune_minmax, "seed": args.seed}.items() if v is not None})
+        "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed}.items()
+        if v is not None})
     calib = dataclasses.replace(calib, **{k: v for k, v in {
         "n_samples": args.n_samples, "seq_len": args.seq_len, "text_file": args.calibration}.items()
         if v is not None})

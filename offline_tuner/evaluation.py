@@ -47,7 +47,6 @@ def perplexity_from_token_logprobs(logprobs: list[list[float]]) -> float:
 
     ``None`` entries are skipped: vLLM gives none for the first token of a prompt.
     """
-    values = [lp for seq in logprobs for lp in seq if lp is not None]
-    if not values:
-        raise ValueError("no log-probabilities given: perplexity is undefined")
-    return math.exp(-math.fsum(values) / len(values))
+    from signround_vllm.server import perplexity_from_logprobs
+
+    return perplexity_from_logprobs([lp for seq in logprobs for lp in seq])

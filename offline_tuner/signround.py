@@ -36,6 +36,9 @@ class TuneSettings:
     minmax_lr: float | None = None  # clipping factor step; None = 1 / iters
     tune_minmax: bool = True
     seed: int = 42
+    # Run the block's matmuls in bf16 while tuning (CUDA, or a CPU with native bf16); tunables,
+    # rounding and the loss stay fp32. About 2x faster on a Zen 4 core; the reference does the same.
+    bf16_autocast: bool = True
 
     def __post_init__(self):
         if self.iters < 0:
@@ -110,6 +113,13 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mean((a.float() - b.float()) ** 2)
 
 
+def bf16_autocast_is_fast(device: torch.device) -> bool:
+    """CUDA, or a CPU whose oneDNN has native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
                inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict, settings: TuneSettings,
                generator_seed: int, progress: Callable[[int, float], None] | None = None) -> BlockResult:
@@ -127,15 +137,22 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
     bs = min(settings.batch_size, n)
     gen = torch.Generator().manual_seed(generator_seed)
     eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(generator_seed + 1))[:bs]
+    order = torch.empty(0, dtype=torch.long)  # epochs: every window once before any twice
+
+    autocast = settings.bf16_autocast and bf16_autocast_is_fast(device)
 
     def loss_on(idx, tun) -> torch.Tensor:
-        overrides = quantized_weights(weights, specs, tun)
-        return _mse(run_block(block, inputs[idx], block_kwargs, overrides), targets[idx])
+        overrides = quantized_weights(weights, specs, tun)  # fp32: tunables and rounding stay exact
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = run_block(block, inputs[idx], block_kwargs, overrides)
+        return _mse(out, targets[idx])
 
     best = {k: v.clone() for k, v in tunables.items()}
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan
     for it in range(settings.iters):
-        idx = torch.randperm(n, generator=gen)[:bs]
+        if order.numel() < bs:
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[:bs], order[bs:]
         loss = loss_on(idx, tunables)
         loss_value = float(loss.detach())
         if it == 0:

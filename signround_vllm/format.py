@@ -324,19 +324,20 @@ def validate_layer_tensors(layer: str, tensors: Mapping[str, torch.Tensor], spec
                 f"in_features={in_features}, out_features={out_features}, {spec.short_name()}")
 
 
+def dequantize_ints(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    spec: LayerQuantSpec) -> torch.Tensor:
+    """w = (q - zero) * scale per group, in float32. q [K, N] integers, scales/zeros [K // G, N]
+    (zeros None: the symmetric zero point). The one definition of the format's dequantization."""
+    g = spec.effective_group_size(q.shape[0])
+    z = (torch.full_like(scales, spec.sym_zero_point, dtype=torch.float32) if zeros is None
+         else zeros.to(torch.float32))
+    return (q.to(torch.float32) - z.repeat_interleave(g, dim=0)) * scales.to(torch.float32).repeat_interleave(g, dim=0)
+
+
 def dequantize_packed(packed: PackedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Pure-torch dequantization: the reference for every kernel. Returns W [N, K] in `dtype`."""
-    spec = packed.spec
-    k = packed.in_features
-    g = spec.effective_group_size(k)
-    q = unpack_int_weights(packed.qweight, spec.bits).to(torch.float32)  # [K, N]
-    if packed.qzeros is None:
-        z = torch.full_like(packed.scales, spec.sym_zero_point, dtype=torch.float32)
-    else:
-        z = packed.qzeros.to(torch.float32)
-    s = packed.scales.to(torch.float32)  # [K // G, N]
-    w = (q - z.repeat_interleave(g, dim=0)) * s.repeat_interleave(g, dim=0)  # [K, N]
-    return w.t().contiguous().to(dtype)
+    q = unpack_int_weights(packed.qweight, packed.spec.bits)  # [K, N]
+    return dequantize_ints(q, packed.scales, packed.qzeros, packed.spec).t().contiguous().to(dtype)
 
 
 def pack_linear(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -147,5 +147,9 @@ class VllmServer:
         return logprobs
 
 
-def perplexity_from_logprobs(logprobs: Sequence[float]) -> float:
-    return math.exp(-sum(logprobs) / len(logprobs))
+def perplexity_from_logprobs(logprobs: Sequence[float | None]) -> float:
+    """exp(-mean log-probability); ``None`` entries (vLLM's first prompt token) are skipped."""
+    values = [lp for lp in logprobs if lp is not None]
+    if not values:
+        raise ValueError("no log-probabilities given: perplexity is undefined")
+    return math.exp(-math.fsum(values) / len(values))

@@ -12,6 +12,7 @@ a layer none can serve fails at load with every candidate's reason.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,8 +76,6 @@ class SignRoundVllmConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         """Validate a local checkpoint's tensors against its config before the engine starts."""
-        from pathlib import Path
-
         from signround_vllm.checkpoint import validate_checkpoint
 
         if not Path(model_name).is_dir():
@@ -84,7 +83,10 @@ class SignRoundVllmConfig(QuantizationConfig):
         try:
             validate_checkpoint(model_name)
         except SignRoundFormatError as e:
-            raise ValueError(f"invalid SignRound checkpoint: {e}") from None
+            message = f"invalid SignRound checkpoint: {e}"
+            if _in_vllm_command_line():  # `vllm serve ...`: the message alone, not vLLM's traceback around it
+                raise SystemExit(f"ERROR: {message}") from None
+            raise ValueError(message) from None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         c = self.config
@@ -186,6 +188,13 @@ class SignRoundLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernel.apply(layer, x, bias)
+
+
+def _in_vllm_command_line() -> bool:
+    import multiprocessing
+    import sys
+
+    return Path(sys.argv[0]).name == "vllm" and multiprocessing.parent_process() is None
 
 
 def register_with_vllm() -> None:
