@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, dequantize_ints
 from offline_tuner.errors import TunerInputError
-from offline_tuner.signround import BlockResult, TuneSettings, block_integers, run_block, tune_block
+from offline_tuner.signround import (BlockResult, TuneSettings, bf16_autocast_is_fast, block_integers, run_block,
+                                     tune_block)
 
 Progress = Callable[[str], None]
 
@@ -78,8 +79,10 @@ def capture_block_inputs(model, windows: torch.Tensor, device: torch.device) -> 
 
 
 @torch.no_grad()
-def run_block_batched(block, x: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
-    return torch.cat([run_block(block, x[i:i + batch], kwargs) for i in range(0, x.shape[0], batch)])
+def run_block_batched(block, x: torch.Tensor, kwargs: dict, batch: int, bf16_autocast: bool = False) -> torch.Tensor:
+    """The block on x in batches; float32 out (matmuls in bf16 when asked)."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        return torch.cat([run_block(block, x[i:i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
 
 
 @dataclasses.dataclass
@@ -125,6 +128,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         work.mkdir(parents=True)
         _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
 
+    autocast = settings.bf16_autocast and bf16_autocast_is_fast(device)  # streams as fast as the tuning
     x_fp, kwargs = capture_block_inputs(model, windows, device)
     x_q = x_fp  # the quantized stream; the two part after block 0
     peak_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
@@ -136,7 +140,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         specs = {n: config.spec_for(prefix + n) for n in linears}
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32).requires_grad_(False)
-        x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size)  # this block's targets
+        x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size, autocast)  # this block's targets
         if i < done_blocks:
             saved = load_file(str(work / f"block_{i}.safetensors"))
             block_ints = {n: (saved[f"{n}.q"], saved[f"{n}.scale"], saved.get(f"{n}.zero")) for n in linears}
@@ -175,7 +179,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
                 q, s, z = block_ints[n]
                 lin.weight.copy_(_dequantize_ints(q, s, z, specs[n]))
                 integers[prefix + n] = (q, s, z)
-        x_q = run_block_batched(block, x_q, kwargs, settings.batch_size)
+        x_q = run_block_batched(block, x_q, kwargs, settings.batch_size, autocast)
         if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
             raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
                              f"calibration data contain NaN/Inf")
