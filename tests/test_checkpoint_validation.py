@@ -112,12 +112,15 @@ def test_vllm_serve_prints_one_clear_error_without_traceback(ckpt):
     import sys
     from pathlib import Path
 
+    from signround_vllm.server import free_port
+
     edit_tensors(ckpt, lambda t: t.pop(f"{LAYER}.scales"))
     vllm = Path(sys.executable).with_name("vllm")
     done = subprocess.run([str(vllm), "serve", str(ckpt), "--quantization", "signround", "--host", "127.0.0.1",
-                           "--port", "1", "--skip-tokenizer-init"], capture_output=True, text=True, timeout=300)
+                           "--port", str(free_port()), "--skip-tokenizer-init"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert f"ERROR: invalid SignRound checkpoint" in done.stderr and f"{LAYER}.scales" in done.stderr, done.stderr[-3000:]
+    assert "ERROR: invalid SignRound checkpoint" in done.stderr and f"{LAYER}.scales" in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
 
 
