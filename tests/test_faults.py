@@ -129,24 +129,35 @@ def test_runs_killed_at_random_points_resume_to_the_same_checkpoint(tiny_and_tex
     subprocess.run(quantize_cmd(model, text, tmp_path / "whole"), check=True, capture_output=True, timeout=600)
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     rng = random.Random(20261123)
-    phases = [(None, rng.uniform(0.5, 3.0)),  # start-up: imports, model load, calibration
-              ("block 1/3:", rng.uniform(0.0, 0.5)),  # while block 2 tunes
-              ("block 2/3:", rng.uniform(0.0, 0.5)),  # while block 3 tunes
-              ("block 3/3:", rng.uniform(0.0, 0.02))]  # packing and writing the checkpoint
+    state = out.parent / f".{out.name}.signround-work" / "state.json"
+
+    def blocks_done():
+        return json.loads(state.read_text())["done_blocks"] if state.exists() else 0
+
+    def next_kill(phase):
+        """(marker, delay) for a kill in `phase`, given where the resumable state is now."""
+        if phase == "start-up":  # imports, model load, calibration, maybe the first block
+            return None, rng.uniform(0.5, 3.0)
+        if phase == "tuning":  # just after this run finished a block, while it tunes the next
+            return "/3: loss", rng.uniform(0.0, 0.3)
+        if blocks_done() < 3:  # packing and writing, right after the last block
+            return "block 3/3:", rng.uniform(0.0, 0.02)
+        return "resuming after block 3/3", rng.uniform(0.0, 0.05)  # replay, packing, writing
+
     kills = []
-    for attempt, (marker, delay) in enumerate(phases):
+    for attempt, phase in enumerate(["start-up", "tuning", "writing"]):
+        marker, delay = next_kill(phase)
         resume = ["--resume"] if attempt else []
         if run_until_killed(quantize_cmd(model, text, out, *resume), marker, delay, log):
             break
-        state = out.parent / f".{out.name}.signround-work" / "state.json"
-        blocks_done = json.loads(state.read_text())["done_blocks"] if state.exists() else "-"
-        kills.append(f"{delay:.2f} s after {marker or 'start'} (blocks done: {blocks_done})")
+        kills.append(f"{phase}: {delay:.2f} s after {marker or 'start'} (blocks done: {blocks_done()})")
         if out.exists():  # killed after the rename: the result must be complete
             validate_checkpoint(out)
+            break
     if not out.exists():
         subprocess.run(quantize_cmd(model, text, out, "--resume"), check=True, capture_output=True, timeout=600)
     print(f"\nkilled {', '.join(kills)}; then resumed")
-    assert len(kills) >= 3, f"too few runs were killed before they ended: {kills}"
+    assert len(kills) >= 2, f"too few runs were killed before they ended: {kills}"
     validate_checkpoint(out)
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
