@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -158,40 +157,32 @@ def main(argv=None) -> int:
             windows_file = work / f"calibration-seed{seed}.pt"
             torch.save(calibration_windows(model_dir, calib, seed), windows_file)
             tag = f"{name}-seed{seed}"
-
-            def signround():
-                sr_dir = work / f"signround-{tag}"
-                cmd = [str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out",
-                       str(sr_dir), "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
-                       "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
-                       "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
-                       *(["--sym"] if spec.sym else [])]
+            sr_dir, ar_dir = work / f"signround-{tag}", work / f"autoround-{tag}"
+            # key -> (label, command, run log written by the tool, its weights into the model)
+            tools = {"sr": ("SignRound", [
+                str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out", str(sr_dir),
+                "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
+                "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
+                "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
+                *(["--sym"] if spec.sym else [])],
+                sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
+            if ar_python is not None:
+                tools["ar"] = ("auto-round", [
+                    str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
+                    "--out", str(ar_dir), "--calibration", str(windows_file), "--bits", str(spec.bits),
+                    "--group-size", str(spec.group_size), "--iters", str(iters), "--batch-size", str(batch),
+                    "--seed", str(seed), *(["--sym"] if spec.sym else [])],
+                    ar_dir / "run.json", lambda: load_fake_quantized(model, ar_dir / "weights.safetensors"))
+            for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
+                label, cmd, run_file, load_weights = tools[key]
                 log(" ".join(cmd))
                 loads.append(os.getloadavg()[0])
-                wall = run_timed(cmd, work / "logs" / f"signround-{tag}.log")
-                run = json.loads((sr_dir / "signround_run.json").read_text())
-                row["sr"] = perplexities(load_dequantized(model, sr_dir), windows)
-                row["sr_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"]}
-                log(f"{tag} SignRound: {row['sr']}, {run['seconds']:.0f} s (process {wall:.0f} s)")
-
-            def autoround():
-                ar_dir = work / f"autoround-{tag}"
-                cmd = [str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
-                       "--out", str(ar_dir), "--calibration", str(windows_file), "--bits", str(spec.bits),
-                       "--group-size", str(spec.group_size), "--iters", str(iters), "--batch-size", str(batch),
-                       "--seed", str(seed), *(["--sym"] if spec.sym else [])]
-                log(" ".join(cmd))
-                loads.append(os.getloadavg()[0])
-                wall = run_timed(cmd, work / "logs" / f"autoround-{tag}.log")
-                run = json.loads((ar_dir / "run.json").read_text())
-                row["ar"] = perplexities(load_fake_quantized(model, ar_dir / "weights.safetensors"), windows)
-                row["ar_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
-                                 "tool": run["tool"]}
-                log(f"{tag} auto-round: {row['ar']}, {run['seconds']:.0f} s (process {wall:.0f} s)")
-
-            steps = [signround] + ([autoround] if ar_python is not None else [])
-            for step in (steps if turn % 2 == 0 else steps[::-1]):  # alternate who goes first
-                step()
+                wall = run_timed(cmd, work / "logs" / f"{run_file.parent.name}.log")
+                run = json.loads(run_file.read_text())
+                row[key] = perplexities(load_weights(), windows)
+                row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
+                                     "tool": run.get("tool", label)}
+                log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
             turn += 1
             rows.append(row)
     loads.append(os.getloadavg()[0])

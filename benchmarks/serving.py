@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from offline_tuner.default_model import cache_root, make_tiny_llama, prepare_default_model  # noqa: E402
-from signround_vllm.server import ServerError, VllmServer, vllm_executable  # noqa: E402
+from signround_vllm.server import ServerError, VllmServer, stop_process_group, vllm_executable  # noqa: E402
 
 SESSION_SCRIPT = Path(__file__).resolve().with_name("vllm_bench_session.py")
 GROUP_SIZES = (128, 64, 32)  # preferred first
@@ -150,27 +149,13 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None 
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            _stop_group(proc)
+            stop_process_group(proc, 20)
             raise StepFailed(f"timed out after {timeout:.0f} s (log: {log_path})") from None
         except BaseException:  # interrupted: leave nothing running
-            _stop_group(proc)
+            stop_process_group(proc, 20)
             raise
     if code != 0:
         raise StepFailed(f"exited with code {code}: {_last_error_line(log_path)} (log: {log_path})")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT, then SIGKILL, to the process group that this script started for proc."""
-    for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _last_error_line(log_path: Path) -> str:

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, dequantize_ints
 from offline_tuner.errors import TunerInputError
-from offline_tuner.signround import (BlockResult, TuneSettings, bf16_autocast_is_fast, block_integers, run_block,
-                                     tune_block)
+from offline_tuner.signround import (BlockResult, TuneSettings, block_integers, run_block, tune_block,
+                                     use_bf16_autocast)
 
 Progress = Callable[[str], None]
 
@@ -81,7 +81,7 @@ def capture_block_inputs(model, windows: torch.Tensor, device: torch.device) -> 
 @torch.no_grad()
 def run_block_batched(block, x: torch.Tensor, kwargs: dict, batch: int, bf16_autocast: bool = False) -> torch.Tensor:
     """The block on x in batches; float32 out (matmuls in bf16 when asked)."""
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         return torch.cat([run_block(block, x[i:i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
 
 
@@ -128,7 +128,7 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         work.mkdir(parents=True)
         _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
 
-    autocast = settings.bf16_autocast and bf16_autocast_is_fast(device)  # streams as fast as the tuning
+    autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
     x_fp, kwargs = capture_block_inputs(model, windows, device)
     x_q = x_fp  # the quantized stream; the two part after block 0
     peak_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q

@@ -113,8 +113,11 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mean((a.float() - b.float()) ** 2)
 
 
-def bf16_autocast_is_fast(device: torch.device) -> bool:
-    """CUDA, or a CPU whose oneDNN has native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated."""
+def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
+    """settings.bf16_autocast, where bf16 is native: CUDA, or a CPU whose oneDNN has AVX512-BF16 / AMX
+    (elsewhere bf16 is emulated and slower than fp32)."""
+    if not settings.bf16_autocast:
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -139,7 +142,7 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
     eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(generator_seed + 1))[:bs]
     order = torch.empty(0, dtype=torch.long)  # epochs: every window once before any twice
 
-    autocast = settings.bf16_autocast and bf16_autocast_is_fast(device)
+    autocast = use_bf16_autocast(settings, device)
 
     def loss_on(idx, tun) -> torch.Tensor:
         overrides = quantized_weights(weights, specs, tun)  # fp32: tunables and rounding stay exact

@@ -36,6 +36,22 @@ def vllm_executable() -> str:
     return found
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGINT to the process group of proc (started with start_new_session=True); SIGKILL after timeout."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout if sig == signal.SIGINT else None)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class VllmServer:
     """`with VllmServer(model_dir, ...) as server:` starts, waits until healthy, and always stops."""
 
@@ -94,14 +110,8 @@ class VllmServer:
         self.stop()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
