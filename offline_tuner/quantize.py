@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from signround_vllm.checkpoint import write_model_folder
-from signround_vllm.format import SignRoundConfig, SignRoundFormatError, pack_linear
+from signround_vllm.format import SignRoundConfig, pack_linear
 from offline_tuner.errors import TunerInputError
+from offline_tuner.plan import QuantPlan, resolve_plan
 from offline_tuner.quant_core import quantize_weight_to_ints
 from offline_tuner.signround import TuneSettings
 
@@ -45,26 +46,7 @@ def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "aut
     return model
 
 
-def quantizable_linears(model, config: SignRoundConfig) -> dict[str, torch.nn.Linear]:
-    """The nn.Linear modules to quantize, by name, in model order."""
-    return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and config.spec_for(name) is not None}
-
-
-def check_quantizable(linears: dict[str, torch.nn.Linear], config: SignRoundConfig) -> None:
-    problems = []
-    for name, mod in linears.items():
-        try:
-            config.spec_for(name).check_in_features(mod.in_features, name)
-        except SignRoundFormatError as e:
-            problems.append(str(e))
-    if problems:
-        raise TunerInputError("cannot quantize these layers with the requested settings:\n  " +
-                              "\n  ".join(problems) + "\n(keep them unquantized with modules_to_not_convert, "
-                              "or choose a group size that divides their in_features)")
-
-
-def packed_state_dict(model, config: SignRoundConfig, quantized_weights: dict[str, tuple]) -> dict[str, torch.Tensor]:
+def packed_state_dict(model, plan: QuantPlan, quantized_weights: dict[str, tuple]) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized linear replaced by its packed tensors.
 
     quantized_weights maps module name -> (q [N, K] ints, scale [N, K//G], zero or None).
@@ -73,7 +55,7 @@ def packed_state_dict(model, config: SignRoundConfig, quantized_weights: dict[st
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to embed_tokens; transformers re-ties on load
     for name, (q, scale, zero) in quantized_weights.items():
-        packed = pack_linear(q, scale, zero, config.spec_for(name))
+        packed = pack_linear(q, scale, zero, plan.layers[name].spec)
         del state[f"{name}.weight"]
         state.update(packed.tensors(name))
     return state
@@ -85,15 +67,13 @@ def hf_config_with_quantization(model, config: SignRoundConfig) -> dict:
     return d
 
 
-def quantize_rtn(model, config: SignRoundConfig, progress: Progress | None = None) -> dict[str, tuple]:
-    """Round-to-nearest integers for every quantizable linear: name -> (q, scale, zero)."""
-    linears = quantizable_linears(model, config)
-    check_quantizable(linears, config)
+def quantize_rtn(model, plan: QuantPlan, progress: Progress | None = None) -> dict[str, tuple]:
+    """Round-to-nearest integers for every layer of the plan: name -> (q, scale, zero)."""
     out = {}
-    for i, (name, mod) in enumerate(linears.items()):
-        out[name] = quantize_weight_to_ints(mod.weight.detach(), config.spec_for(name))
-        if progress and (i + 1) % 20 == 0 or progress and i + 1 == len(linears):
-            progress(f"round-to-nearest: {i + 1}/{len(linears)} layers")
+    for i, (name, lp) in enumerate(plan.layers.items()):
+        out[name] = quantize_weight_to_ints(model.get_submodule(name).weight.detach(), lp.spec)
+        if progress and ((i + 1) % 20 == 0 or i + 1 == len(plan.layers)):
+            progress(f"round-to-nearest: {i + 1}/{len(plan.layers)} layers")
     return out
 
 
@@ -168,30 +148,27 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
     model = load_causal_lm(model_dir)
+    tuning = tune is not None and tune.iters > 0
+    plan = resolve_plan(model, config, tuning=tuning)
     check_non_finite_weights(model)
-    linears = quantizable_linears(model, config)
-    check_quantizable(linears, config)
     run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if tune is None or tune.iters == 0:
-        quantized = quantize_rtn(model, config, progress)
+    if not tuning:
+        quantized = quantize_rtn(model, plan, progress)
         config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})
     else:
         calibration = calibration or Calibration()
         if progress:
             progress(f"calibration: {calibration.describe()}")
         windows = calibration_windows(model_dir, calibration, tune.seed)
-        quantized, block_logs, act_bytes = tune_model(model, windows, config, tune, out, resume=resume,
+        quantized, block_logs, act_bytes = tune_model(model, windows, plan, tune, out, resume=resume,
                                                       progress=progress, iteration_progress=iteration_progress)
         config = dataclasses.replace(config, tuner={
             "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
             "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
         run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], cached_activation_bytes=act_bytes,
                        calibration=dataclasses.asdict(calibration), settings=dataclasses.asdict(tune))
-    if len(quantized) != len(linears):
-        missing = sorted(set(linears) - set(quantized))[:5]
-        raise TunerInputError(f"layers outside the decoder blocks cannot be tuned: {missing}; "
-                              f"list them in --keep-unquantized or use --iters 0")
-    state = packed_state_dict(model, config, quantized)
+    assert set(quantized) == set(plan.layers), "every planned layer is quantized"
+    state = packed_state_dict(model, plan, quantized)
     seconds = time.perf_counter() - t0
     run_log.update(seconds=round(seconds, 2), peak_rss_bytes=_peak_rss_bytes(), tuner=config.tuner)
     write_model_folder(out, state, hf_config_with_quantization(model, config), source_dir=model_dir,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from signround_vllm.checkpoint import validate_checkpoint
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError
-from offline_tuner.default_model import make_tiny_llama
+from offline_tuner.default_model import make_tiny_model
 from offline_tuner.quantize import quantize_checkpoint
 
 LAYER = "model.layers.0.mlp.down_proj"
@@ -17,7 +17,7 @@ LAYER = "model.layers.0.mlp.down_proj"
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    model = make_tiny_llama(root / "m", seed=0, hidden=160, heads=5, kv_heads=5, intermediate=224, vocab_size=256)
+    model = make_tiny_model(root / "m", seed=0, hidden=160, heads=5, kv_heads=5, intermediate=224, vocab_size=256)
     return quantize_checkpoint(model, root / "w4g32", SignRoundConfig(default=LayerQuantSpec(4, 32, False))).out_dir
 
 

@@ -348,9 +348,9 @@ def served_with_methods(path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from offline_tuner.default_model import make_tiny_llama
+    from offline_tuner.default_model import make_tiny_model
 
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0, num_layers=2, hidden=128,
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, num_layers=2, hidden=128,
                            intermediate=256, heads=4, kv_heads=2, vocab_size=512)
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import offline_tuner.signround as signround_core
-from offline_tuner.default_model import make_tiny_llama, prepare_default_model
+from offline_tuner.default_model import make_tiny_model, prepare_default_model
 from offline_tuner.quantize import Calibration, quantize_checkpoint
 from offline_tuner.signround import TuneSettings
 from offline_tuner.text_data import wikipedia_text
@@ -30,7 +30,7 @@ CONFIG = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
 @pytest.fixture(scope="module")
 def tiny_and_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    model = make_tiny_llama(root / "m", seed=4, num_layers=3, tokenizer_from=prepare_default_model())
+    model = make_tiny_model(root / "m", seed=4, num_layers=3, tokenizer_from=prepare_default_model())
     text = root / "calib.txt"
     text.write_text(wikipedia_text("calibration")[:80000])
     return model, text

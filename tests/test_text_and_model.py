@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from offline_tuner import default_model, text_data
-from offline_tuner.default_model import (DefaultModelUnavailable, make_tiny_llama,
+from offline_tuner.default_model import (DefaultModelUnavailable, make_tiny_model,
                                          prepare_default_model, write_folder_atomically)
 from offline_tuner.evaluation import perplexity_from_token_logprobs, perplexity_of_model
 from offline_tuner.text_data import (TextDataUnavailable, clean_wikitext, load_articles, split_of,
@@ -121,7 +121,7 @@ def test_perplexity_from_token_logprobs():
 
 def test_perplexity_of_model_matches_a_manual_reference(tmp_path):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny", vocab_size=256))
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "tiny", vocab_size=256))
     windows = torch.randint(0, 256, (5, 17), generator=torch.Generator().manual_seed(0))
     logprobs = []
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 def test_tiny_llama_loads_and_is_deterministic(tmp_path, model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = make_tiny_llama(tmp_path / "a", seed=3, tokenizer_from=model_dir)
+    folder = make_tiny_model(tmp_path / "a", seed=3, tokenizer_from=model_dir)
     model = AutoModelForCausalLM.from_pretrained(folder)
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (2, 128, 49152)
@@ -199,10 +199,10 @@ def test_tiny_llama_loads_and_is_deterministic(tmp_path, model_dir):
     weights = load_file(folder / "model.safetensors")
     std = weights["model.layers.0.mlp.up_proj.weight"].float().std()
     assert 0.02 <= std <= 0.05
-    same = load_file(make_tiny_llama(tmp_path / "b", seed=3, vocab_size=512) / "model.safetensors")
-    again = load_file(make_tiny_llama(tmp_path / "c", seed=3, vocab_size=512) / "model.safetensors")
-    other = load_file(make_tiny_llama(tmp_path / "d", seed=4, vocab_size=512) / "model.safetensors")
+    same = load_file(make_tiny_model(tmp_path / "b", seed=3, vocab_size=512) / "model.safetensors")
+    again = load_file(make_tiny_model(tmp_path / "c", seed=3, vocab_size=512) / "model.safetensors")
+    other = load_file(make_tiny_model(tmp_path / "d", seed=4, vocab_size=512) / "model.safetensors")
     assert all(torch.equal(same[k], again[k]) for k in same)
     assert not torch.equal(same["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="multiples of 32"):
-        make_tiny_llama(tmp_path / "bad", hidden=100)
+        make_tiny_model(tmp_path / "bad", hidden=100)

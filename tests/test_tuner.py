@@ -6,8 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
-from offline_tuner.blockwise import capture_block_inputs, run_block_batched, tune_model
-from offline_tuner.default_model import make_tiny_llama, prepare_default_model
+from offline_tuner.architecture import find_decoder_blocks, record_block_calls
+from offline_tuner.blockwise import run_block_batched, tune_model
+from offline_tuner.default_model import make_tiny_model, prepare_default_model
+from offline_tuner.plan import resolve_plan
 from offline_tuner.quantize import Calibration, load_causal_lm, quantize_checkpoint, quantize_rtn, TunerInputError
 from offline_tuner.signround import TuneSettings, tune_block
 from offline_tuner.text_data import token_windows, wikipedia_text
@@ -15,16 +17,18 @@ from offline_tuner.text_data import token_windows, wikipedia_text
 
 @pytest.fixture(scope="module")
 def tiny_random(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", seed=1, vocab_size=512)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=1, vocab_size=512)
 
 
 @pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, -1, True)], ids=str)
 def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_path, spec):
     config = SignRoundConfig(default=spec)
     windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
-    rtn = quantize_rtn(load_causal_lm(tiny_random), config)
-    tuned, logs, _ = tune_model(load_causal_lm(tiny_random), windows, config, TuneSettings(iters=0, batch_size=2),
-                                tmp_path / "out")
+    model = load_causal_lm(tiny_random)
+    rtn = quantize_rtn(model, resolve_plan(model, config, tuning=False))
+    model = load_causal_lm(tiny_random)
+    tuned, logs, _ = tune_model(model, windows, resolve_plan(model, config, tuning=True),
+                                TuneSettings(iters=0, batch_size=2), tmp_path / "out")
     assert sorted(rtn) == sorted(tuned) and len(rtn) == 14
     for name in rtn:
         for a, b in zip(rtn[name], tuned[name]):
@@ -38,10 +42,11 @@ def test_tuned_block_beats_rounding_on_real_activations():
     path = prepare_default_model()
     model = load_causal_lm(path)
     windows = token_windows(AutoTokenizer.from_pretrained(path), wikipedia_text("calibration"), 8, 128, seed=0)
-    x, kwargs = capture_block_inputs(model, windows, torch.device("cpu"))
+    calls = record_block_calls(model, find_decoder_blocks(model), windows, torch.device("cpu"))
     block = model.model.layers[0].float()
-    x = run_block_batched(block, x, kwargs, 4)  # real activations entering block 1
+    x = run_block_batched(block, calls.first_inputs, calls.block_kwargs[0], 4)  # real activations entering block 1
     block = model.model.layers[1].float()
+    kwargs = calls.block_kwargs[1]
     targets = run_block_batched(block, x, kwargs, 4)
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     specs = {n: LayerQuantSpec(2, 32, False) for n in linears}
@@ -65,7 +70,7 @@ def test_two_block_model_tunes_serves_and_resumes_identically(tmp_path):
     from tests.test_vllm_plugin import assert_same_greedy_as
     from signround_vllm.checkpoint import write_dequantized_copy
 
-    model_dir = make_tiny_llama(tmp_path / "m", seed=2, tokenizer_from=prepare_default_model())
+    model_dir = make_tiny_model(tmp_path / "m", seed=2, tokenizer_from=prepare_default_model())
     text_file = tmp_path / "calib.txt"
     text_file.write_text(wikipedia_text("calibration")[:60000])
     config = SignRoundConfig(default=LayerQuantSpec(3, 32, False))

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError, pack_linear
 from offline_tuner.cli import main as cli_main
-from offline_tuner.default_model import make_tiny_llama
+from offline_tuner.default_model import make_tiny_model
 from offline_tuner.errors import TunerInputError
 from offline_tuner.quantize import Calibration, quantize_checkpoint
 from offline_tuner.signround import TuneSettings
@@ -17,7 +17,7 @@ CONFIG = SignRoundConfig(default=LayerQuantSpec(4, 32, False))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", seed=0, vocab_size=256)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0, vocab_size=256)
 
 
 def test_missing_model_path(tmp_path):
@@ -64,7 +64,7 @@ def test_nan_weights_are_refused(tiny, tmp_path):
 def tiny_with_tokenizer(tmp_path_factory):
     from offline_tuner.default_model import prepare_default_model
 
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny_tok") / "m", seed=0, tokenizer_from=prepare_default_model())
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_tok") / "m", seed=0, tokenizer_from=prepare_default_model())
 
 
 def test_model_without_tokenizer_cannot_calibrate(tiny, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from signround_vllm.checkpoint import write_dequantized_copy
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
-from offline_tuner.default_model import make_tiny_llama
+from offline_tuner.default_model import make_tiny_model
 from offline_tuner.quantize import quantize_checkpoint
 from tests.vllm_utils import TIE_TOLERANCE, check_greedy_agreement, greedy_tokens_and_logprobs, prompt_logprobs, run_on
 
@@ -24,7 +24,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0, num_layers=2, hidden=128,
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, num_layers=2, hidden=128,
                            intermediate=256, heads=4, kv_heads=2, vocab_size=VOCAB)
 
 
