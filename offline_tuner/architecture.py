@@ -26,6 +26,10 @@ class DecoderBlocks:
     path: str  # module path of the ModuleList, e.g. "model.layers"
     blocks: torch.nn.ModuleList
 
+    def module_name(self, index: int) -> str:
+        """Module name of block `index`, e.g. "model.layers.3"."""
+        return f"{self.path}.{index}"
+
     def prefix(self, index: int) -> str:
         """Module-name prefix of block `index`, e.g. "model.layers.3."."""
         return f"{self.path}.{index}."

@@ -1,13 +1,15 @@
-"""Block-by-block driver for SignRound: capture, tune, replay, resume.
+"""Block-by-block SignRound: load a block, tune it, pack and write it, replay it, give it back.
 
-Walks the decoder blocks the model declares (see :mod:`offline_tuner.architecture`), each
-called with its own recorded arguments. The first block's inputs are captured once, then two
-activation streams run through the blocks: the full-precision model's and the quantized model's. Each block is tuned so
-that, fed the quantized stream (the outputs of the already-quantized blocks before it),
-its output matches the full-precision stream's output of the same block; so each block
-also corrects the error accumulated before it. After each block the integers are
-saved in a work folder, so an interrupted run resumes from the last finished block
-and ends with the same checkpoint as an uninterrupted one.
+Walks the decoder blocks the model declares (see :mod:`offline_tuner.architecture`), each called
+with its own recorded arguments. The first block's inputs are captured once, then two activation
+streams run through the blocks: the full-precision model's and the quantized model's. Each block is
+tuned so that, fed the quantized stream (the outputs of the already-quantized blocks before it), its
+output matches the full-precision stream's output of the same block; so each block also corrects the
+error accumulated before it.
+
+Only one block's weights are in memory at a time: each is read from the model's files when its turn
+comes and given back after. Its packed tensors go straight into the checkpoint's shards in the work
+folder, which are also the resume state: a resumed run replays the finished blocks from them.
 """
 from __future__ import annotations
 
@@ -20,16 +22,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save
 
-from signround_vllm.format import LayerQuantSpec, dequantize_ints
+from signround_vllm.format import QWEIGHT, QZEROS, SCALES, PackedLinear, dequantize_packed, pack_linear
+from signround_vllm.shards import ShardedWriter
 from offline_tuner.architecture import record_block_calls
 from offline_tuner.errors import TunerInputError
+from offline_tuner.memory import MemoryPeak, return_freed_memory
+from offline_tuner.model_source import ModelSource, release
 from offline_tuner.plan import QuantPlan
-from offline_tuner.signround import (BlockResult, TuneSettings, block_integers, run_block, tune_block,
-                                     use_bf16_autocast)
+from offline_tuner.signround import BlockResult, TuneSettings, block_integers, run_block, tune_block, use_bf16_autocast
 
 Progress = Callable[[str], None]
+IterationProgress = Callable[[int, int, int, float], None]  # block, iteration, iterations, loss
 
 
 @torch.no_grad()
@@ -49,103 +53,123 @@ class BlockLog:
     fell_back_to_rtn: bool
 
 
-def _work_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.signround-work"
+class WorkFolder:
+    """The checkpoint being written, beside its final place (`.NAME.signround-work`): its shards and
+    `state.json` (the run's settings and finished blocks). Renamed into place when complete."""
+
+    STATE = "state.json"
+
+    def __init__(self, out_dir: Path, run_key: dict, resume: bool):
+        self.path = out_dir.parent / f".{out_dir.name}.signround-work"
+        self.run_key = run_key
+        self.blocks: list[dict] = []
+        state_file = self.path / self.STATE
+        if resume and state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state["run"] != run_key:
+                raise TunerInputError(f"--resume: {self.path} belongs to a run with other settings or data; "
+                                      f"rerun without --resume (the old work folder will be replaced)")
+            self.blocks = state["blocks"]
+            self.resumed = True
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            self.resumed = False
+            self._save()
+
+    @property
+    def done_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_done(self, log: BlockLog) -> None:
+        self.blocks.append(dataclasses.asdict(log))
+        self._save()
+
+    def _save(self) -> None:
+        _write_atomic(self.path / self.STATE, json.dumps({"run": self.run_key, "done_blocks": len(self.blocks),
+                                                          "blocks": self.blocks}).encode())
 
 
-def tune_model(model, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings, out_dir: Path,
-               resume: bool = False, progress: Progress | None = None,
-               iteration_progress: Callable[[int, int, int, float], None] | None = None):
-    """Tune every block. Returns (name -> (q, scale, zero), [BlockLog], peak_activation_bytes).
+def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings,
+                writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, progress: Progress | None = None,
+                iteration_progress: IterationProgress | None = None) -> tuple[list[BlockLog], int]:
+    """Tune, pack and write every block. Returns the block logs and the bytes of the activation streams.
 
-    Resume state lives in a work folder beside out_dir; it is kept until the caller removes it.
+    Blocks finished by an earlier run (work.done_blocks) are replayed from the packed tensors it wrote.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    blocks = plan.blocks.blocks
-    work = _work_dir(out_dir)
-    state_file = work / "state.json"
-    run_key = {"config": plan.config.to_dict(), "settings": dataclasses.asdict(settings),
-               "windows": list(windows.shape), "windows_sum": int(windows.sum())}
-    done_blocks = 0
-    logs: list[BlockLog] = []
-    if resume and state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state["run"] != run_key:
-            raise TunerInputError(f"--resume: {work} belongs to a run with other settings or data; "
-                             f"rerun without --resume (the old work folder will be replaced)")
-        done_blocks = state["done_blocks"]
-        logs = [BlockLog(**b) for b in state["blocks"]]
-        if progress:
-            progress(f"resuming after block {done_blocks}/{len(blocks)} from {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": 0, "blocks": []}).encode())
-
+    blocks = plan.blocks
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
-    calls = record_block_calls(model, plan.blocks, windows, device)
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    outside = [n for n, p in model.named_parameters()  # embeddings and whatever runs before the blocks
+               if not n.startswith(blocks.path + ".") and id(p) not in head_params]
+    source.materialize(model, outside)
+    calls = record_block_calls(model, blocks, windows, device)
+    release(model, outside)
+    return_freed_memory()
     x_fp = calls.first_inputs
     x_q = x_fp  # the quantized stream; the two part after block 0
-    peak_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
-    integers: dict[str, tuple] = {}
-    for i, block in enumerate(blocks):
-        prefix = plan.blocks.prefix(i)
-        kwargs = calls.block_kwargs[i]
+    if work.resumed and progress:
+        progress(f"resuming after block {work.done_blocks}/{len(blocks)} from {work.path}")
+    stream_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
+    for i in range(len(blocks)):
+        block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
         layer_plans = plan.block_layers(i)
+        block = source.materialize_module(model, block_name).to(device=device, dtype=torch.float32)
+        memory.sample()
         linears = {n: block.get_submodule(n) for n in layer_plans}
-        specs = {n: lp.spec for n, lp in layer_plans.items()}
-        original_dtype = next(block.parameters()).dtype
-        block.to(device=device, dtype=torch.float32).requires_grad_(False)
         x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size, autocast)  # this block's targets
-        if i < done_blocks:
-            saved = load_file(str(work / f"block_{i}.safetensors"))
-            block_ints = {n: (saved[f"{n}.q"], saved[f"{n}.scale"], saved.get(f"{n}.zero")) for n in linears}
+        if i < work.done_blocks:
+            packed = {n: _read_packed(writer, f"{block_name}.{n}", lp.spec) for n, lp in layer_plans.items()}
+            writer.written.update(name for n, p in packed.items() for name in p.tensors(f"{block_name}.{n}"))
         else:
             t0 = time.perf_counter()
 
             def on_iter(it, loss, _i=i):
+                if it == 0 or it + 1 == settings.iters:
+                    memory.sample()
                 if iteration_progress:
                     iteration_progress(_i, it, settings.iters, loss)
 
+            specs = {n: lp.spec for n, lp in layer_plans.items()}
             result: BlockResult = tune_block(block, linears, specs, x_q, x_fp, kwargs, settings,
                                              generator_seed=settings.seed * 1000 + i, progress=on_iter)
-            block_ints = block_integers(linears, specs, result.tunables)
-            tensors = {}
-            for n, (q, s, z) in block_ints.items():
-                tensors[f"{n}.q"], tensors[f"{n}.scale"] = q.to(torch.uint8).contiguous(), s.contiguous()
-                if z is not None:
-                    tensors[f"{n}.zero"] = z.to(torch.uint8).contiguous()
-            _write_atomic(work / f"block_{i}.safetensors", save(tensors))
-            block_ints = {n: (t[0].to(torch.int64), t[1], t[2].to(torch.int64) if t[2] is not None else None)
-                          for n, t in block_ints.items()}
+            packed = {n: pack_linear(q, s, z, specs[n])
+                      for n, (q, s, z) in block_integers(linears, specs, result.tunables).items()}
+            for n, p in packed.items():
+                writer.write_all(p.tensors(f"{block_name}.{n}"))
+            writer.sync()  # on disk before the state says so
             log = BlockLog(block=i, rtn_loss=result.final_rtn_loss, tuned_loss=result.final_tuned_loss,
                            best_iter=result.best_iter, seconds=time.perf_counter() - t0,
                            fell_back_to_rtn=result.fell_back_to_rtn)
-            logs.append(log)
-            _write_atomic(state_file, json.dumps({"run": run_key, "done_blocks": i + 1,
-                                                  "blocks": [dataclasses.asdict(b) for b in logs]}).encode())
+            del result
+            work.block_done(log)
             if progress:
                 change = (1 - log.tuned_loss / log.rtn_loss) * 100 if log.rtn_loss > 0 else 0.0
                 note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""
                 progress(f"block {i + 1}/{len(blocks)}: loss round-to-nearest {log.rtn_loss:.3e} -> "
                          f"SignRound {log.tuned_loss:.3e} ({change:.0f}% lower), {log.seconds:.1f} s{note}")
-        # Replace the weights by their quantized values: the quantized stream goes on through them.
+        # The quantized stream goes on through the stored weights, exactly as a server will see them.
         with torch.no_grad():
             for n, lin in linears.items():
-                q, s, z = block_ints[n]
-                lin.weight.copy_(_dequantize_ints(q, s, z, specs[n]))
-                integers[prefix + n] = (q, s, z)
+                lin.weight.copy_(dequantize_packed(packed[n]))
         x_q = run_block_batched(block, x_q, kwargs, settings.batch_size, autocast)
         if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
             raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
-                             f"calibration data contain NaN/Inf")
-        block.to(device="cpu", dtype=original_dtype)
-    return integers, logs, peak_bytes
+                                  f"calibration data contain NaN/Inf")
+        memory.sample()
+        release(model, [f"{block_name}.{n}" for n, _ in block.named_parameters()])
+        del packed, linears
+        return_freed_memory()
+    return [BlockLog(**b) for b in work.blocks], stream_bytes
 
 
-def _dequantize_ints(q, scale, zero, spec: LayerQuantSpec) -> torch.Tensor:
-    """The format's dequantization, for the tuner's [N, K] orientation."""
-    return dequantize_ints(q.t(), scale.t(), zero.t() if zero is not None else None, spec).t()
+def _read_packed(writer: ShardedWriter, layer: str, spec) -> PackedLinear:
+    """A layer's packed tensors as an earlier run wrote them into the shards."""
+    t = {suffix: writer.read(f"{layer}.{suffix}") for suffix in (QWEIGHT, SCALES, QZEROS)
+         if f"{layer}.{suffix}" in writer.entries}
+    return PackedLinear(qweight=t[QWEIGHT], scales=t[SCALES], qzeros=t.get(QZEROS), spec=spec)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -153,7 +177,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def remove_work_dir(out_dir: Path) -> None:
-    shutil.rmtree(_work_dir(out_dir), ignore_errors=True)

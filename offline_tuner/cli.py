@@ -17,12 +17,28 @@ def log(msg: str) -> None:
 
 
 def resolve_model(arg: str) -> Path:
-    """`default` (or an empty value) means the embedded SmolLM2-135M-Instruct, prepared on first use."""
+    """`default` (or an empty value) means the embedded SmolLM2-135M-Instruct, prepared on first use;
+    otherwise a folder, or a hub id already in the local Hugging Face cache."""
     if arg in ("", "default"):
         from offline_tuner.default_model import prepare_default_model
 
         return prepare_default_model(progress=log)
-    return Path(arg)
+    from offline_tuner.model_source import resolve_model_path
+
+    return resolve_model_path(arg)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 5GB, 500MB, 2GiB or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
 def parse_override(text: str) -> tuple[str, dict]:
@@ -146,9 +162,12 @@ def cmd_quantize(args) -> int:
     log(f"quantizing {model} -> {args.out} ({config.default.short_name()}, {method})")
     n_blocks = _count_blocks(model)
     result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib, overwrite=args.overwrite,
-                                 resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks))
-    log(f"wrote {result.out_dir} ({result.layers} layers, {result.seconds:.1f} s, "
-        f"peak memory {result.run_log['peak_rss_bytes'] / 2**30:.2f} GiB)")
+                                 resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks),
+                                 max_shard_bytes=args.max_shard_size)
+    run_log = result.run_log
+    log(f"wrote {result.out_dir} ({result.layers} layers, {run_log['shards']} weight file(s), {result.seconds:.1f} s, "
+        f"peak memory {run_log['peak_anon_bytes'] / 2**30:.2f} GiB anonymous, "
+        f"{run_log['peak_rss_bytes'] / 2**30:.2f} GiB resident with mapped files)")
     return 0
 
 
@@ -208,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_model_prepare)
 
     q = sub.add_parser("quantize", help="quantize a transformers causal LM into a SignRound checkpoint")
-    q.add_argument("model", help="model folder, or `default` for the embedded SmolLM2-135M-Instruct")
+    q.add_argument("model", help="model folder, a hub id already in the local Hugging Face cache (nothing is "
+                                 "downloaded), or `default` for the embedded SmolLM2-135M-Instruct")
+    q.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="largest weights file of the checkpoint; larger checkpoints are sharded with an index "
+                        "(default 5GB)")
     q.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--resume", action="store_true",

@@ -1,8 +1,11 @@
-"""Driver: a transformers causal LM in, a SignRound checkpoint folder out.
+"""Driver: a transformers causal LM in, a SignRound checkpoint folder out, in bounded memory.
 
-With zero iterations this is round-to-nearest (the baseline). The numeric work
-is in :mod:`offline_tuner.quant_core`; the checkpoint layout in
-:mod:`signround_vllm.format` and :mod:`signround_vllm.checkpoint`.
+Stages: open the model (built on the meta device, weights left in their files), resolve the plan
+(every layer's spec, checked once), lay out the checkpoint's shards, then fill them: round-to-nearest
+tensor by tensor, or SignRound block by block (:mod:`offline_tuner.blockwise`), then the tensors kept
+as they are. The folder is written beside its final place and renamed into place when complete.
+With zero iterations this is round-to-nearest (the baseline). The numeric work is in
+:mod:`offline_tuner.quant_core`; the checkpoint layout in :mod:`signround_vllm.format`.
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ from typing import Callable
 
 import torch
 
-from signround_vllm.checkpoint import write_model_folder
-from signround_vllm.format import SignRoundConfig, pack_linear
+from signround_vllm.checkpoint import commit_folder, write_folder_files
+from signround_vllm.format import QWEIGHT, SignRoundConfig, pack_linear, packed_tensor_specs
+from signround_vllm.shards import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorEntry
 from offline_tuner.errors import TunerInputError
+from offline_tuner.memory import MemoryPeak, return_freed_memory
+from offline_tuner.model_source import ModelSource, open_model, tied_parameter_names
 from offline_tuner.plan import QuantPlan, resolve_plan
 from offline_tuner.quant_core import quantize_weight_to_ints
 from offline_tuner.signround import TuneSettings
@@ -46,35 +52,48 @@ def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "aut
     return model
 
 
-def packed_state_dict(model, plan: QuantPlan, quantized_weights: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized linear replaced by its packed tensors.
+def output_layout(model, plan: QuantPlan, stored_dtype: Callable[[str], torch.dtype]) -> list[TensorEntry]:
+    """Every tensor of the checkpoint, in model order: each planned layer's packed tensors in place of its
+    weight, everything else as stored (tied output embeddings once, under the input embedding's name)."""
+    entries = []
+    tied = tied_parameter_names(model)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in tied:
+            continue
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in plan.layers:
+            lp = plan.layers[layer]
+            entries += [TensorEntry(f"{layer}.{suffix}", dtype, shape) for suffix, (shape, dtype)
+                        in packed_tensor_specs(lp.in_features, lp.out_features, lp.spec, layer).items()]
+        else:
+            entries.append(TensorEntry(name, stored_dtype(name), tuple(t.shape)))
+    return entries
 
-    quantized_weights maps module name -> (q [N, K] ints, scale [N, K//G], zero or None).
-    """
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to embed_tokens; transformers re-ties on load
-    for name, (q, scale, zero) in quantized_weights.items():
-        packed = pack_linear(q, scale, zero, plan.layers[name].spec)
-        del state[f"{name}.weight"]
-        state.update(packed.tensors(name))
-    return state
 
-
-def hf_config_with_quantization(model, config: SignRoundConfig) -> dict:
-    d = model.config.to_dict()
+def hf_config_with_quantization(hf_config, config: SignRoundConfig) -> dict:
+    d = hf_config.to_dict()
     d["quantization_config"] = config.to_dict()
     return d
 
 
-def quantize_rtn(model, plan: QuantPlan, progress: Progress | None = None) -> dict[str, tuple]:
-    """Round-to-nearest integers for every layer of the plan: name -> (q, scale, zero)."""
-    out = {}
-    for i, (name, lp) in enumerate(plan.layers.items()):
-        out[name] = quantize_weight_to_ints(model.get_submodule(name).weight.detach(), lp.spec)
-        if progress and ((i + 1) % 20 == 0 or i + 1 == len(plan.layers)):
-            progress(f"round-to-nearest: {i + 1}/{len(plan.layers)} layers")
-    return out
+def fill_remaining(writer: ShardedWriter, source: ModelSource, model, plan: QuantPlan,
+                   progress: Progress | None = None) -> None:
+    """Write every tensor not yet written, one at a time: planned layers rounded to nearest, the rest
+    copied as stored (buffers the files lack come from the model)."""
+    tied = tied_parameter_names(model)
+    todo = [n for n in model.state_dict(keep_vars=True) if n not in tied]
+    for i, name in enumerate(todo):
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in plan.layers:
+            if f"{layer}.{QWEIGHT}" in writer.written:
+                continue
+            lp = plan.layers[layer]
+            q, scale, zero = quantize_weight_to_ints(source.read(name).float(), lp.spec)
+            writer.write_all(pack_linear(q, scale, zero, lp.spec).tensors(layer))
+        elif name not in writer.written:
+            writer.write(name, source.read(name) if name in source.files else model.get_buffer(name))
+        if progress and ((i + 1) % 50 == 0 or i + 1 == len(todo)):
+            progress(f"written: {i + 1}/{len(todo)} tensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,57 +146,61 @@ def calibration_windows(model_dir, calibration: Calibration, seed: int) -> torch
         raise TunerInputError(f"calibration text ({calibration.describe()}): {e}") from None
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: SignRoundConfig,
                         tune: TuneSettings | None = None, calibration: Calibration | None = None,
                         overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
-                        iteration_progress=None) -> QuantizeResult:
-    """Quantize a model folder into a SignRound checkpoint folder (written atomically).
+                        iteration_progress=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> QuantizeResult:
+    """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
 
-    tune=None or tune.iters == 0: round-to-nearest, no calibration data needed.
+    tune=None or tune.iters == 0: round-to-nearest, no calibration data needed. Weights larger than
+    max_shard_bytes are split into shards with an index, as transformers writes them.
     """
-    from offline_tuner.blockwise import remove_work_dir, tune_model
+    from offline_tuner.blockwise import WorkFolder, tune_blocks
 
     t0 = time.perf_counter()
+    memory = MemoryPeak()
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
-    model = load_causal_lm(model_dir)
+    source = open_model(model_dir)
+    model = source.empty_model()
     tuning = tune is not None and tune.iters > 0
     plan = resolve_plan(model, config, tuning=tuning)
-    check_non_finite_weights(model)
-    run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if not tuning:
-        quantized = quantize_rtn(model, plan, progress)
-        config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})
-    else:
+    layout = output_layout(model, plan, source.dtype_of)
+    run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run_key = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes,
+               "layout": [[e.name, str(e.dtype), list(e.shape)] for e in layout]}
+    if tuning:
         calibration = calibration or Calibration()
         if progress:
             progress(f"calibration: {calibration.describe()}")
-        windows = calibration_windows(model_dir, calibration, tune.seed)
-        quantized, block_logs, act_bytes = tune_model(model, windows, plan, tune, out, resume=resume,
-                                                      progress=progress, iteration_progress=iteration_progress)
-        config = dataclasses.replace(config, tuner={
-            "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
-            "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
-        run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], cached_activation_bytes=act_bytes,
-                       calibration=dataclasses.asdict(calibration), settings=dataclasses.asdict(tune))
-    assert set(quantized) == set(plan.layers), "every planned layer is quantized"
-    state = packed_state_dict(model, plan, quantized)
+        windows = calibration_windows(source.path, calibration, tune.seed)
+        return_freed_memory()  # tokenizing the text is the run's largest transient before the first block
+        run_key.update(settings=dataclasses.asdict(tune), windows=list(windows.shape), windows_sum=int(windows.sum()))
+    work = WorkFolder(out, run_key, resume=resume and tuning)
+    writer = ShardedWriter(work.path, layout, max_shard_bytes, reuse_existing=work.resumed)
+    try:
+        if tuning:
+            block_logs, stream_bytes = tune_blocks(model, source, windows, plan, tune, writer, work, memory,
+                                                   progress=progress, iteration_progress=iteration_progress)
+            config = dataclasses.replace(config, tuner={
+                "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
+                "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
+            run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], cached_activation_bytes=stream_bytes,
+                           calibration=dataclasses.asdict(calibration), settings=dataclasses.asdict(tune))
+        else:
+            config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})
+        fill_remaining(writer, source, model, plan, progress)
+        memory.sample()
+        writer.finish()
+    finally:
+        writer.close()
+        source.close()
     seconds = time.perf_counter() - t0
-    run_log.update(seconds=round(seconds, 2), peak_rss_bytes=_peak_rss_bytes(), tuner=config.tuner)
-    write_model_folder(out, state, hf_config_with_quantization(model, config), source_dir=model_dir,
-                       overwrite=overwrite, extra_json={RUN_LOG_FILE: run_log})
-    remove_work_dir(out)
-    return QuantizeResult(out_dir=out, seconds=seconds, layers=len(quantized), run_log=run_log)
-
-
-def check_non_finite_weights(model) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise TunerInputError(f"weight {name} contains NaN or Inf; the model cannot be quantized")
+    run_log.update(seconds=round(seconds, 2), **memory.report(), shards=len(writer.files), tuner=config.tuner)
+    write_folder_files(work.path, hf_config_with_quantization(source.hf_config, config), source_dir=source.path,
+                       extra_json={RUN_LOG_FILE: run_log})
+    (work.path / WorkFolder.STATE).unlink()
+    commit_folder(work.path, out, overwrite)
+    return QuantizeResult(out_dir=out, seconds=seconds, layers=len(plan.layers), run_log=run_log)

@@ -18,15 +18,14 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from signround_vllm.format import (
     QWEIGHT, QZEROS, SCALES, WORD_BITS, PackedLinear, SignRoundConfig, SignRoundFormatError,
     dequantize_packed, validate_layer_tensors,
 )
+from signround_vllm.shards import DEFAULT_MAX_SHARD_BYTES, DTYPES_BY_NAME, write_tensors
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # Files copied from the source model folder when present.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -78,11 +77,6 @@ def load_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-_DTYPES = {"I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I16": torch.int16, "BOOL": torch.bool,
-           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
-
-
 def read_tensor_headers(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor's shape and dtype, as meta tensors, from the safetensors headers (no data read).
 
@@ -94,7 +88,7 @@ def read_tensor_headers(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
                     sl = st.get_slice(name)
-                    dtype = _DTYPES.get(sl.get_dtype())
+                    dtype = DTYPES_BY_NAME.get(sl.get_dtype())
                     if dtype is None:
                         raise SignRoundFormatError(f"{f}: tensor {name} has unsupported dtype {sl.get_dtype()}")
                     if name in out:
@@ -225,29 +219,35 @@ def commit_folder(tmp: Path, final: Path, overwrite: bool) -> None:
         os.replace(tmp, final)
 
 
+def write_folder_files(folder: Path, config: dict, source_dir: str | os.PathLike | None = None,
+                       extra_json: Mapping[str, dict] | None = None) -> None:
+    """config.json, the tokenizer and generation files of `source_dir` (when present), and `extra_json`."""
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if source_dir is not None:
+        for name in SIDE_FILES:
+            src = Path(source_dir) / name
+            if src.is_file():
+                shutil.copy2(src, folder / name)
+    for name, content in (extra_json or {}).items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
 def write_model_folder(out_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict,
                        source_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                       extra_json: Mapping[str, dict] | None = None) -> Path:
+                       extra_json: Mapping[str, dict] | None = None,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a model folder atomically: a temporary sibling folder renamed into place.
 
-    `config` is the full config.json content. Tokenizer and generation files are
-    copied from `source_dir` when present. `extra_json` adds more JSON files by name.
+    `config` is the full config.json content. Weights are sharded beyond `max_shard_bytes`; see
+    `write_folder_files` for the rest.
     """
     final = Path(out_dir)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; choose another output folder or pass --overwrite")
     tmp = _fresh_temp_dir(final)
     try:
-        contiguous = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if source_dir is not None:
-            for name in SIDE_FILES:
-                src = Path(source_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        for name, content in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        write_tensors(tmp, tensors, max_shard_bytes)
+        write_folder_files(tmp, config, source_dir, extra_json)
         commit_folder(tmp, final, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

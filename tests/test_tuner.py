@@ -7,10 +7,14 @@ from safetensors.torch import load_file
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 from offline_tuner.architecture import find_decoder_blocks, record_block_calls
-from offline_tuner.blockwise import run_block_batched, tune_model
+from offline_tuner.blockwise import WorkFolder, run_block_batched, tune_blocks
+from offline_tuner.memory import MemoryPeak
+from offline_tuner.model_source import open_model
+from signround_vllm.shards import ShardedWriter
 from offline_tuner.default_model import make_tiny_model, prepare_default_model
 from offline_tuner.plan import resolve_plan
-from offline_tuner.quantize import Calibration, load_causal_lm, quantize_checkpoint, quantize_rtn, TunerInputError
+from offline_tuner.quantize import (Calibration, TunerInputError, fill_remaining, load_causal_lm, output_layout,
+                                    quantize_checkpoint)
 from offline_tuner.signround import TuneSettings, tune_block
 from offline_tuner.text_data import token_windows, wikipedia_text
 
@@ -24,15 +28,22 @@ def tiny_random(tmp_path_factory):
 def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_path, spec):
     config = SignRoundConfig(default=spec)
     windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
-    model = load_causal_lm(tiny_random)
-    rtn = quantize_rtn(model, resolve_plan(model, config, tuning=False))
-    model = load_causal_lm(tiny_random)
-    tuned, logs, _ = tune_model(model, windows, resolve_plan(model, config, tuning=True),
-                                TuneSettings(iters=0, batch_size=2), tmp_path / "out")
-    assert sorted(rtn) == sorted(tuned) and len(rtn) == 14
-    for name in rtn:
-        for a, b in zip(rtn[name], tuned[name]):
-            assert (a is None and b is None) or torch.equal(a, b), name
+    rtn = quantize_checkpoint(tiny_random, tmp_path / "rtn", config).out_dir
+    # The tuning stages with no iterations, on the meta-device model, block by block.
+    source = open_model(tiny_random)
+    model = source.empty_model()
+    plan = resolve_plan(model, config, tuning=True)
+    layout = output_layout(model, plan, source.dtype_of)
+    work = WorkFolder(tmp_path / "tuned", {"test": 1}, resume=False)
+    writer = ShardedWriter(work.path, layout)
+    logs, _ = tune_blocks(model, source, windows, plan, TuneSettings(iters=0, batch_size=2), writer, work, MemoryPeak())
+    fill_remaining(writer, source, model, plan)
+    writer.finish()
+    assert [log.block for log in logs] == [0, 1] and len(plan.layers) == 14
+    a, b = load_file(str(rtn / "model.safetensors")), load_file(str(work.path / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.slow
