@@ -91,13 +91,13 @@ class WorkFolder:
 
 
 def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings,
-                writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, progress: Progress | None = None,
+                writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, device: torch.device,
+                progress: Progress | None = None,
                 iteration_progress: IterationProgress | None = None) -> tuple[list[BlockLog], int]:
     """Tune, pack and write every block. Returns the block logs and the bytes of the activation streams.
 
     Blocks finished by an earlier run (work.done_blocks) are replayed from the packed tensors it wrote.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blocks = plan.blocks
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
     head = model.get_output_embeddings()

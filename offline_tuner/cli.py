@@ -163,7 +163,7 @@ def cmd_quantize(args) -> int:
     n_blocks = _count_blocks(model)
     result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib, overwrite=args.overwrite,
                                  resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks),
-                                 max_shard_bytes=args.max_shard_size)
+                                 max_shard_bytes=args.max_shard_size, device=args.device)
     run_log = result.run_log
     log(f"wrote {result.out_dir} ({result.layers} layers, {run_log['shards']} weight file(s), {result.seconds:.1f} s, "
         f"peak memory {run_log['peak_anon_bytes'] / 2**30:.2f} GiB anonymous, "
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a transformers causal LM into a SignRound checkpoint")
     q.add_argument("model", help="model folder, a hub id already in the local Hugging Face cache (nothing is "
                                  "downloaded), or `default` for the embedded SmolLM2-135M-Instruct")
+    q.add_argument("--device", default=None, help="where blocks are tuned: cpu, cuda, cuda:1 ... "
+                                                  "(default: the first CUDA GPU if there is one, else cpu)")
     q.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="largest weights file of the checkpoint; larger checkpoints are sharded with an index "
                         "(default 5GB)")

@@ -38,8 +38,8 @@ class ModelSource:
         """One tensor, in its stored dtype, refused if not finite."""
         if name not in self.files:
             raise TunerInputError(f"{self.path}: the weights hold no tensor {name!r}, which the model needs")
-        t = self._handle(self.files[name]).get_tensor(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        t = self._handle(self.files[name]).get_tensor(name)  # backed by the mapped file, no copy
+        if t.is_floating_point() and not _all_finite(t):
             raise TunerInputError(f"weight {name} contains NaN or Inf; the model cannot be quantized")
         return t
 
@@ -88,6 +88,12 @@ class ModelSource:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Checked a slice at a time: a whole-tensor check would allocate several times the tensor."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def release(model: torch.nn.Module, names: list[str]) -> None:

@@ -91,3 +91,20 @@ def quantize_weight_to_ints(w: torch.Tensor, spec: LayerQuantSpec,
     """Like quantize_weight, but returns the integers to store: (q int64 [N, K], scale, zero)."""
     _, q, scale, zero = quantize_weight(w, spec, rounding_offset, max_scale, min_scale)
     return q.round().to(torch.int64), scale, (zero.round().to(torch.int64) if zero is not None else None)
+
+
+@torch.no_grad()
+def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22):
+    """quantize_weight_to_ints with no offsets or clipping (round-to-nearest), a few rows at a time:
+    rows are independent, so the result is the same while the float32 intermediates stay small.
+    Returns (q uint8 [N, K], scale float32 [N, K // G], zero uint8 or None)."""
+    n, k = w.shape
+    rows = max(1, max_elements // k)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scales, zeros = [], []
+    for start in range(0, n, rows):
+        qc, sc, zc = quantize_weight_to_ints(w[start:start + rows].float(), spec)
+        q[start:start + rows] = qc.to(torch.uint8)
+        scales.append(sc)
+        zeros.append(zc.to(torch.uint8) if zc is not None else None)
+    return q, torch.cat(scales), (torch.cat(zeros) if zeros[0] is not None else None)

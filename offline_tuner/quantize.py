@@ -24,7 +24,7 @@ from offline_tuner.errors import TunerInputError
 from offline_tuner.memory import MemoryPeak, return_freed_memory
 from offline_tuner.model_source import ModelSource, open_model, tied_parameter_names
 from offline_tuner.plan import QuantPlan, resolve_plan
-from offline_tuner.quant_core import quantize_weight_to_ints
+from offline_tuner.quant_core import round_to_nearest_in_row_chunks
 from offline_tuner.signround import TuneSettings
 
 Progress = Callable[[str], None]
@@ -88,7 +88,7 @@ def fill_remaining(writer: ShardedWriter, source: ModelSource, model, plan: Quan
             if f"{layer}.{QWEIGHT}" in writer.written:
                 continue
             lp = plan.layers[layer]
-            q, scale, zero = quantize_weight_to_ints(source.read(name).float(), lp.spec)
+            q, scale, zero = round_to_nearest_in_row_chunks(source.read(name), lp.spec)
             writer.write_all(pack_linear(q, scale, zero, lp.spec).tensors(layer))
         elif name not in writer.written:
             writer.write(name, source.read(name) if name in source.files else model.get_buffer(name))
@@ -149,11 +149,13 @@ def calibration_windows(model_dir, calibration: Calibration, seed: int) -> torch
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: SignRoundConfig,
                         tune: TuneSettings | None = None, calibration: Calibration | None = None,
                         overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
-                        iteration_progress=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> QuantizeResult:
+                        iteration_progress=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        device: str | torch.device | None = None) -> QuantizeResult:
     """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
 
     tune=None or tune.iters == 0: round-to-nearest, no calibration data needed. Weights larger than
-    max_shard_bytes are split into shards with an index, as transformers writes them.
+    max_shard_bytes are split into shards with an index, as transformers writes them. Blocks are tuned
+    on `device` (None: the first CUDA GPU if there is one, else the CPU).
     """
     from offline_tuner.blockwise import WorkFolder, tune_blocks
 
@@ -162,6 +164,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass --overwrite")
+    device = tuning_device(device)
     source = open_model(model_dir)
     model = source.empty_model()
     tuning = tune is not None and tune.iters > 0
@@ -182,7 +185,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     writer = ShardedWriter(work.path, layout, max_shard_bytes, reuse_existing=work.resumed)
     try:
         if tuning:
-            block_logs, stream_bytes = tune_blocks(model, source, windows, plan, tune, writer, work, memory,
+            block_logs, stream_bytes = tune_blocks(model, source, windows, plan, tune, writer, work, memory, device,
                                                    progress=progress, iteration_progress=iteration_progress)
             config = dataclasses.replace(config, tuner={
                 "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
@@ -204,3 +207,19 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     (work.path / WorkFolder.STATE).unlink()
     commit_folder(work.path, out, overwrite)
     return QuantizeResult(out_dir=out, seconds=seconds, layers=len(plan.layers), run_log=run_log)
+
+
+def tuning_device(device: str | torch.device | None) -> torch.device:
+    """The device blocks are tuned on; None: the first CUDA GPU if there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TunerInputError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise TunerInputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here; "
+                              f"use --device cpu or a GPU that exists")
+    if dev.type not in ("cpu", "cuda"):
+        raise TunerInputError(f"--device {device}: the tuner runs on cpu or cuda")
+    return dev

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from signround_vllm.format import SUPPORTED_BITS, LayerQuantSpec, dequantize_packed, pack_linear
-from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints
+from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints, round_to_nearest_in_row_chunks
 
 
 def reference_rtn(w: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
@@ -71,3 +71,13 @@ def test_rounding_offset_and_clipping_have_gradients():
     ((w_dq - w) ** 2).sum().backward()
     for t in (v, a, b):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(4, 32, False), LayerQuantSpec(3, -1, True), LayerQuantSpec(8, 64, False)],
+                         ids=lambda s: s.short_name())
+def test_round_to_nearest_in_row_chunks_equals_the_whole_matrix(spec):
+    w = torch.randn(37, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    q, s, z = quantize_weight_to_ints(w.float(), spec)
+    qc, sc, zc = round_to_nearest_in_row_chunks(w, spec, max_elements=5 * 128)  # 5 rows at a time, ragged tail
+    assert qc.dtype == torch.uint8 and torch.equal(qc.to(torch.int64), q) and torch.equal(sc, s)
+    assert (z is None and zc is None) or torch.equal(zc.to(torch.int64), z)

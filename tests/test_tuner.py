@@ -36,7 +36,8 @@ def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_pat
     layout = output_layout(model, plan, source.dtype_of)
     work = WorkFolder(tmp_path / "tuned", {"test": 1}, resume=False)
     writer = ShardedWriter(work.path, layout)
-    logs, _ = tune_blocks(model, source, windows, plan, TuneSettings(iters=0, batch_size=2), writer, work, MemoryPeak())
+    logs, _ = tune_blocks(model, source, windows, plan, TuneSettings(iters=0, batch_size=2), writer, work, MemoryPeak(),
+                          torch.device("cpu"))
     fill_remaining(writer, source, model, plan)
     writer.finish()
     assert [log.block for log in logs] == [0, 1] and len(plan.layers) == 14

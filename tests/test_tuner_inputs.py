@@ -105,3 +105,10 @@ def test_cli_prints_one_line_errors(tiny, tmp_path, capsys):
     assert cli_main(["quantize", str(tiny), "--out", str(tmp_path / "o"), "--iters", "0",
                      "--layer-override", "model.layers.0.mlp.up_proj:bits=7"]) == 2
     assert "bits=7 is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, words", [("gpu", "not a device"), ("cuda:3", "CUDA GPU"), ("meta", "cpu or cuda")])
+def test_bad_device_is_refused_before_any_work(tiny, tmp_path, device, words):
+    with pytest.raises(TunerInputError, match=words):
+        quantize_checkpoint(tiny, tmp_path / "out", CONFIG, tune=TuneSettings(iters=1), device=device)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.signround-work").exists()
