@@ -65,12 +65,16 @@ class ModelSource:
         except ValueError as e:
             raise TunerInputError(f"{self.path}: cannot be loaded as a causal language model ({e})") from None
         model.eval().requires_grad_(False)
+        return model
+
+    def check_names(self, model: torch.nn.Module) -> None:
+        """Every tensor the model holds must be stored under its own name (transformers renames some
+        families' weights while loading them; those are refused rather than half-read)."""
         expected = set(model.state_dict()) - tied_parameter_names(model)
         missing = sorted(n for n in expected if n not in self.files and not _is_buffer(model, n))
         if missing:
             raise TunerInputError(f"{self.path}: the weights lack {len(missing)} tensors the model needs, e.g. "
-                                  f"{missing[:3]}; the files are incomplete or use other names")
-        return model
+                                  f"{missing[:3]}; the files are incomplete or store them under other names")
 
     def materialize(self, model: torch.nn.Module, names: list[str]) -> None:
         """Read the parameters `names` (full dotted names) from the files into the model."""

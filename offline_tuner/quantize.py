@@ -169,6 +169,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     model = source.empty_model()
     tuning = tune is not None and tune.iters > 0
     plan = resolve_plan(model, config, tuning=tuning)
+    source.check_names(model)
     layout = output_layout(model, plan, source.dtype_of)
     run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}

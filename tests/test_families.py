@@ -126,3 +126,22 @@ def test_family_tunes_and_serves_its_dequantized_weights(family, tmp_path, calib
         if tune is not None:
             assert [b["block"] for b in run_log["blocks"]] == [0, 1, 2, 3]
         assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / f"deq-{method}"))
+
+
+def test_mixture_of_experts_model_is_refused_with_one_line(tmp_path, capsys):
+    """Mixtral's experts are 3-D parameters in transformers 5: refused up front, never left in bf16."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from offline_tuner.cli import main as cli_main
+
+    config = CONFIG_MAPPING["mixtral"](vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                       num_experts_per_tok=2, head_dim=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    capsys.readouterr()
+    code = cli_main(["quantize", str(tmp_path / "moe"), "--out", str(tmp_path / "out"), "--iters", "0",
+                     "--group-size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("signround: error:") and "mlp.experts.gate_up_proj" in err[0] and "not linear" in err[0]
+    assert not (tmp_path / "out").exists()
