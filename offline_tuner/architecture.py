@@ -102,17 +102,20 @@ class BlockCalls:
     are shared here too.
     """
 
-    first_inputs: torch.Tensor  # [n_windows, seq, hidden] float32
+    first_inputs: torch.Tensor  # [n_windows, seq, hidden]
     block_kwargs: list[dict]  # per block
 
 
 @torch.no_grad()
 def record_block_calls(model: torch.nn.Module, blocks: DecoderBlocks, windows: torch.Tensor,
-                       device: torch.device) -> BlockCalls:
-    """Run the model's forward on each window with stand-ins for its blocks (see module doc)."""
+                       device: torch.device, first_inputs: torch.Tensor | None = None) -> BlockCalls:
+    """Run the model's forward on each window with stand-ins for its blocks (see module doc).
+
+    Block 0's inputs are written into `first_inputs` ([n_windows, seq, hidden], any float dtype, for
+    example a memory-mapped stream) when given, else into a new float32 tensor on `device`.
+    """
     n = len(blocks)
     originals = list(blocks.blocks)
-    first_inputs: list[torch.Tensor] = []
     kwargs: list[dict] = []
     try:
         for w, row in enumerate(windows):
@@ -130,14 +133,17 @@ def record_block_calls(model: torch.nn.Module, blocks: DecoderBlocks, windows: t
             if len(set(record.shapes)) != 1:
                 raise TunerInputError(f"{type(model).__name__}: hidden states change shape between decoder blocks "
                                       f"({sorted(set(record.shapes))}); the blocks' outputs cannot be replayed")
-            first_inputs.append(record.first_hidden.to(device=device, dtype=torch.float32))
+            if first_inputs is None:
+                first_inputs = torch.empty((len(windows), *record.first_hidden.shape[1:]), dtype=torch.float32,
+                                           device=device)
+            first_inputs[w] = record.first_hidden[0].to(first_inputs.device, first_inputs.dtype)
             if w == 0:
                 moved: dict[int, object] = {}  # one copy of each tensor shared between blocks
                 kwargs = [{k: _to_device(v, device, moved) for k, v in kw.items()} for kw in record.kwargs]
     finally:
         for i, block in enumerate(originals):
             blocks.blocks[i] = block
-    return BlockCalls(torch.cat(first_inputs), kwargs)
+    return BlockCalls(first_inputs, kwargs)
 
 
 def _input_device(model: torch.nn.Module) -> torch.device:

@@ -30,17 +30,11 @@ from offline_tuner.errors import TunerInputError
 from offline_tuner.memory import MemoryPeak, return_freed_memory
 from offline_tuner.model_source import ModelSource, release
 from offline_tuner.plan import QuantPlan
-from offline_tuner.signround import BlockResult, TuneSettings, block_integers, run_block, tune_block, use_bf16_autocast
+from offline_tuner.signround import BlockResult, TuneSettings, block_integers, tune_block, use_bf16_autocast
+from offline_tuner.streams import ActivationStreams, default_stream_budget_bytes, run_block_in_place
 
 Progress = Callable[[str], None]
 IterationProgress = Callable[[int, int, int, float], None]  # block, iteration, iterations, loss
-
-
-@torch.no_grad()
-def run_block_batched(block, x: torch.Tensor, kwargs: dict, batch: int, bf16_autocast: bool = False) -> torch.Tensor:
-    """The block on x in batches; float32 out (matmuls in bf16 when asked)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-        return torch.cat([run_block(block, x[i:i + batch], kwargs).float() for i in range(0, x.shape[0], batch)])
 
 
 @dataclasses.dataclass
@@ -92,11 +86,13 @@ class WorkFolder:
 
 def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings,
                 writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, device: torch.device,
-                progress: Progress | None = None,
-                iteration_progress: IterationProgress | None = None) -> tuple[list[BlockLog], int]:
-    """Tune, pack and write every block. Returns the block logs and the bytes of the activation streams.
+                stream_budget_bytes: int | None = None, progress: Progress | None = None,
+                iteration_progress: IterationProgress | None = None) -> tuple[list[BlockLog], str]:
+    """Tune, pack and write every block. Returns the block logs and where the activation streams were kept.
 
     Blocks finished by an earlier run (work.done_blocks) are replayed from the packed tensors it wrote.
+    The streams stay in memory up to stream_budget_bytes (None: a quarter of the machine's memory) and
+    are memory-mapped files in the work folder beyond it.
     """
     blocks = plan.blocks
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
@@ -104,22 +100,38 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     outside = [n for n, p in model.named_parameters()  # embeddings and whatever runs before the blocks
                if not n.startswith(blocks.path + ".") and id(p) not in head_params]
+    hidden = model.get_input_embeddings().embedding_dim
+    budget = stream_budget_bytes if stream_budget_bytes is not None else default_stream_budget_bytes()
+    streams = ActivationStreams((len(windows), windows.shape[1], hidden), settings.stream_dtype, budget,
+                                work.path / "streams", device)
     source.materialize(model, outside)
-    calls = record_block_calls(model, blocks, windows, device)
+    calls = record_block_calls(model, blocks, windows, device, first_inputs=streams.fp)
     release(model, outside)
     return_freed_memory()
-    x_fp = calls.first_inputs
-    x_q = x_fp  # the quantized stream; the two part after block 0
-    if work.resumed and progress:
-        progress(f"resuming after block {work.done_blocks}/{len(blocks)} from {work.path}")
-    stream_bytes = 3 * x_fp.numel() * x_fp.element_size()  # x_fp, x_q and the next x_q
+    streams.q.copy_(streams.fp)  # the quantized stream; the two part after block 0
+    if progress:
+        progress(f"activation streams: {streams.describe()}")
+        if work.resumed:
+            progress(f"resuming after block {work.done_blocks}/{len(blocks)} from {work.path}")
+    try:
+        _tune_each_block(model, source, plan, settings, writer, work, memory, device, streams, calls, autocast,
+                         progress, iteration_progress)
+    finally:
+        described = streams.describe()
+        streams.close()
+    return [BlockLog(**b) for b in work.blocks], described
+
+
+def _tune_each_block(model, source, plan, settings, writer, work, memory, device, streams, calls, autocast,
+                     progress, iteration_progress) -> None:
+    blocks = plan.blocks
     for i in range(len(blocks)):
         block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
         layer_plans = plan.block_layers(i)
         block = source.materialize_module(model, block_name).to(device=device, dtype=torch.float32)
         memory.sample()
         linears = {n: block.get_submodule(n) for n in layer_plans}
-        x_fp = run_block_batched(block, x_fp, kwargs, settings.batch_size, autocast)  # this block's targets
+        fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets
         if i < work.done_blocks:
             packed = {n: _read_packed(writer, f"{block_name}.{n}", lp.spec) for n, lp in layer_plans.items()}
             writer.written.update(name for n, p in packed.items() for name in p.tensors(f"{block_name}.{n}"))
@@ -133,7 +145,7 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
                     iteration_progress(_i, it, settings.iters, loss)
 
             specs = {n: lp.spec for n, lp in layer_plans.items()}
-            result: BlockResult = tune_block(block, linears, specs, x_q, x_fp, kwargs, settings,
+            result: BlockResult = tune_block(block, linears, specs, streams.q, streams.fp, kwargs, settings,
                                              generator_seed=settings.seed * 1000 + i, progress=on_iter)
             packed = {n: pack_linear(q, s, z, specs[n])
                       for n, (q, s, z) in block_integers(linears, specs, result.tunables).items()}
@@ -154,15 +166,14 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
         with torch.no_grad():
             for n, lin in linears.items():
                 lin.weight.copy_(dequantize_packed(packed[n]))
-        x_q = run_block_batched(block, x_q, kwargs, settings.batch_size, autocast)
-        if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
+        q_finite = run_block_in_place(block, streams.q, kwargs, settings.batch_size, autocast)
+        if not (q_finite and fp_finite):
             raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
                                   f"calibration data contain NaN/Inf")
         memory.sample()
         release(model, [f"{block_name}.{n}" for n, _ in block.named_parameters()])
         del packed, linears
         return_freed_memory()
-    return [BlockLog(**b) for b in work.blocks], stream_bytes
 
 
 def _read_packed(writer: ShardedWriter, layer: str, spec) -> PackedLinear:

@@ -95,6 +95,9 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=True,
                    help="run the block's matmuls in bf16 while tuning, on CUDA or a CPU with native bf16 "
                         "(default on; tunables and loss stay fp32)")
+    p.add_argument("--stream-dtype", choices=["float32", "bfloat16"],
+                   help="storage of the two activation streams between blocks (default float32; blocks compute "
+                        "in float32 either way)")
     p.add_argument("--seed", type=int, default=42, help="seed for calibration sampling and batches (default 42)")
     p.add_argument("--calibration", metavar="FILE", help="calibration text: a .txt file, or .jsonl with a "
                    "\"text\" field per line (default: built-in Wikipedia calibration split)")
@@ -122,7 +125,8 @@ def tuning_from_args(args):
     tune, calib = RECIPES[args.recipe]
     tune = dataclasses.replace(tune, **{k: v for k, v in {
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
-        "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed}.items()
+        "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed,
+        "stream_dtype": args.stream_dtype}.items()
         if v is not None})
     calib = dataclasses.replace(calib, **{k: v for k, v in {
         "n_samples": args.n_samples, "seq_len": args.seq_len, "text_file": args.calibration}.items()
@@ -163,7 +167,8 @@ def cmd_quantize(args) -> int:
     n_blocks = _count_blocks(model)
     result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib, overwrite=args.overwrite,
                                  resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks),
-                                 max_shard_bytes=args.max_shard_size, device=args.device)
+                                 max_shard_bytes=args.max_shard_size, device=args.device,
+                                 stream_budget_bytes=args.max_memory)
     run_log = result.run_log
     log(f"wrote {result.out_dir} ({result.layers} layers, {run_log['shards']} weight file(s), {result.seconds:.1f} s, "
         f"peak memory {run_log['peak_anon_bytes'] / 2**30:.2f} GiB anonymous, "
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "downloaded), or `default` for the embedded SmolLM2-135M-Instruct")
     q.add_argument("--device", default=None, help="where blocks are tuned: cpu, cuda, cuda:1 ... "
                                                   "(default: the first CUDA GPU if there is one, else cpu)")
+    q.add_argument("--max-memory", type=parse_size, metavar="SIZE",
+                   help="memory for the activation streams (for example 8GiB); beyond it they are memory-mapped "
+                        "files in the work folder beside the output (default: a quarter of this machine's memory)")
     q.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="largest weights file of the checkpoint; larger checkpoints are sharded with an index "
                         "(default 5GB)")

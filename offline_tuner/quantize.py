@@ -150,12 +150,14 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         tune: TuneSettings | None = None, calibration: Calibration | None = None,
                         overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
                         iteration_progress=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                        device: str | torch.device | None = None) -> QuantizeResult:
+                        device: str | torch.device | None = None,
+                        stream_budget_bytes: int | None = None) -> QuantizeResult:
     """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
 
     tune=None or tune.iters == 0: round-to-nearest, no calibration data needed. Weights larger than
     max_shard_bytes are split into shards with an index, as transformers writes them. Blocks are tuned
-    on `device` (None: the first CUDA GPU if there is one, else the CPU).
+    on `device` (None: the first CUDA GPU if there is one, else the CPU); the activation streams stay in
+    memory up to stream_budget_bytes (None: a quarter of the machine's memory), on disk beyond it.
     """
     from offline_tuner.blockwise import WorkFolder, tune_blocks
 
@@ -186,12 +188,13 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     writer = ShardedWriter(work.path, layout, max_shard_bytes, reuse_existing=work.resumed)
     try:
         if tuning:
-            block_logs, stream_bytes = tune_blocks(model, source, windows, plan, tune, writer, work, memory, device,
-                                                   progress=progress, iteration_progress=iteration_progress)
+            block_logs, streams = tune_blocks(model, source, windows, plan, tune, writer, work, memory, device,
+                                              stream_budget_bytes, progress=progress,
+                                              iteration_progress=iteration_progress)
             config = dataclasses.replace(config, tuner={
                 "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
                 "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
-            run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], cached_activation_bytes=stream_bytes,
+            run_log.update(blocks=[dataclasses.asdict(b) for b in block_logs], activation_streams=streams,
                            calibration=dataclasses.asdict(calibration), settings=dataclasses.asdict(tune))
         else:
             config = dataclasses.replace(config, tuner={"method": "rtn", "iters": 0})

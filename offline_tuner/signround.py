@@ -27,6 +27,9 @@ from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints
 Progress = Callable[[str], None]
 
 
+STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
     """How each block is tuned. Defaults follow the reference algorithm."""
@@ -40,12 +43,16 @@ class TuneSettings:
     # Run the block's matmuls in bf16 while tuning (CUDA, or a CPU with native bf16); tunables,
     # rounding and the loss stay fp32. About 2x faster on a Zen 4 core; the reference does the same.
     bf16_autocast: bool = True
+    # dtype in which the two activation streams between blocks are stored (computation stays float32).
+    stream_dtype: str = "float32"
 
     def __post_init__(self):
         if self.iters < 0:
             raise ValueError(f"iters={self.iters}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype={self.stream_dtype!r}: use one of {sorted(STREAM_DTYPES)}")
 
     @property
     def offset_lr(self) -> float:
@@ -137,12 +144,13 @@ def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
 def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
                inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict, settings: TuneSettings,
                generator_seed: int, progress: Callable[[int, float], None] | None = None) -> BlockResult:
-    """Tune one block. inputs/targets: [n_samples, seq, hidden] on the block's device.
+    """Tune one block. inputs/targets: [n_samples, seq, hidden], in memory or memory-mapped, any float dtype;
+    each batch is moved to the block's device in float32.
 
     The block's own weights are left untouched; the result holds the best tunables seen.
     """
     t0 = time.perf_counter()
-    device = inputs.device
+    device = next(iter(linears.values())).weight.device
     weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
     tunables = {name: LayerTunables.initial(w, specs[name], device) for name, w in weights.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
@@ -158,8 +166,8 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
     def loss_on(idx, tun) -> torch.Tensor:
         overrides = quantized_weights(weights, specs, tun)  # fp32: tunables and rounding stay exact
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = run_block(block, inputs[idx], block_kwargs, overrides)
-        return _mse(out, targets[idx])
+            out = run_block(block, inputs[idx].to(device, torch.float32), block_kwargs, overrides)
+        return _mse(out, targets[idx].to(device, torch.float32))
 
     best = {k: v.clone() for k, v in tunables.items()}
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 from offline_tuner.architecture import find_decoder_blocks, record_block_calls
-from offline_tuner.blockwise import WorkFolder, run_block_batched, tune_blocks
+from offline_tuner.blockwise import WorkFolder, tune_blocks
+from offline_tuner.streams import run_block_in_place
 from offline_tuner.memory import MemoryPeak
 from offline_tuner.model_source import open_model
 from signround_vllm.shards import ShardedWriter
@@ -56,10 +57,12 @@ def test_tuned_block_beats_rounding_on_real_activations():
     windows = token_windows(AutoTokenizer.from_pretrained(path), wikipedia_text("calibration"), 8, 128, seed=0)
     calls = record_block_calls(model, find_decoder_blocks(model), windows, torch.device("cpu"))
     block = model.model.layers[0].float()
-    x = run_block_batched(block, calls.first_inputs, calls.block_kwargs[0], 4)  # real activations entering block 1
+    x = calls.first_inputs
+    run_block_in_place(block, x, calls.block_kwargs[0], 4)  # real activations entering block 1
     block = model.model.layers[1].float()
     kwargs = calls.block_kwargs[1]
-    targets = run_block_batched(block, x, kwargs, 4)
+    targets = x.clone()
+    run_block_in_place(block, targets, kwargs, 4)
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     specs = {n: LayerQuantSpec(2, 32, False) for n in linears}
     before = {n: m.weight.detach().clone() for n, m in linears.items()}
@@ -112,3 +115,37 @@ def test_two_block_model_tunes_serves_and_resumes_identically(tmp_path):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
     assert_same_greedy_as(tmp_path / "whole", write_dequantized_copy(tmp_path / "whole", tmp_path / "deq"))
+
+
+@pytest.fixture(scope="module")
+def tiny_with_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams")
+    text = root / "calib.txt"
+    text.write_text(wikipedia_text("calibration")[:30000])
+    return make_tiny_model(root / "m", seed=6, num_layers=3, tokenizer_from=prepare_default_model()), text
+
+
+def test_streams_on_disk_give_the_same_checkpoint_as_in_memory(tiny_with_text, tmp_path):
+    model_dir, text = tiny_with_text
+    config = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
+    tune, calib = TuneSettings(iters=3, batch_size=2, seed=2), Calibration(5, 48, str(text))
+    in_memory = quantize_checkpoint(model_dir, tmp_path / "mem", config, tune=tune, calibration=calib)
+    on_disk = quantize_checkpoint(model_dir, tmp_path / "disk", config, tune=tune, calibration=calib,
+                                  stream_budget_bytes=0)
+    assert "in memory" in in_memory.run_log["activation_streams"]
+    assert "memory-mapped files" in on_disk.run_log["activation_streams"]
+    assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "disk" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert not (tmp_path / ".disk.signround-work").exists()
+
+
+def test_bf16_streams_tune_and_are_recorded(tiny_with_text, tmp_path):
+    model_dir, text = tiny_with_text
+    config = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
+    tune = TuneSettings(iters=3, batch_size=2, seed=2, stream_dtype="bfloat16")
+    result = quantize_checkpoint(model_dir, tmp_path / "bf16", config, tune=tune,
+                                 calibration=Calibration(5, 48, str(text)), stream_budget_bytes=0)
+    assert "bfloat16" in result.run_log["activation_streams"] and result.run_log["settings"]["stream_dtype"] == "bfloat16"
+    assert all(b["tuned_loss"] <= b["rtn_loss"] for b in result.run_log["blocks"])
+    with pytest.raises(ValueError, match="stream_dtype='fp8'"):
+        TuneSettings(stream_dtype="fp8")
