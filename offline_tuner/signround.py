@@ -100,8 +100,10 @@ def block_output(out) -> torch.Tensor:
 
 
 def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
-                      tunables: Mapping[str, LayerTunables] | None) -> dict[str, torch.Tensor]:
-    """Fake-quantized weight of each tuned linear, in float32, keyed `<name>.weight`."""
+                      tunables: Mapping[str, LayerTunables] | None,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Fake-quantized weight of each tuned linear, keyed `<name>.weight`: computed in float32, handed over
+    in `dtype` (bf16 where the block's matmuls run in bf16 anyway, so no float32 copy is kept)."""
     out = {}
     for name, w in weights.items():
         t = tunables[name] if tunables is not None else None
@@ -109,15 +111,15 @@ def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, L
         if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             # Recomputed in the backward pass instead of keeping its ~8 weight-sized intermediates per
             # layer alive: the same numbers, a fraction of the memory (the block's matmuls dominate time).
-            w_dq = checkpoint(_dequantized_weight, w, specs[name], *args, use_reentrant=False)
+            w_dq = checkpoint(_dequantized_weight, w, specs[name], *args, dtype, use_reentrant=False)
         else:
-            w_dq = _dequantized_weight(w, specs[name], *args)
+            w_dq = _dequantized_weight(w, specs[name], *args, dtype)
         out[f"{name}.weight"] = w_dq
     return out
 
 
-def _dequantized_weight(w, spec, rounding_offset, max_scale, min_scale) -> torch.Tensor:
-    return quantize_weight(w, spec, rounding_offset, max_scale, min_scale)[0]
+def _dequantized_weight(w, spec, rounding_offset, max_scale, min_scale, dtype) -> torch.Tensor:
+    return quantize_weight(w, spec, rounding_offset, max_scale, min_scale)[0].to(dtype)
 
 
 def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
@@ -164,7 +166,8 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
     autocast = use_bf16_autocast(settings, device)
 
     def loss_on(idx, tun) -> torch.Tensor:
-        overrides = quantized_weights(weights, specs, tun)  # fp32: tunables and rounding stay exact
+        # Tunables and rounding in float32; the weights handed to the matmuls in their dtype.
+        overrides = quantized_weights(weights, specs, tun, torch.bfloat16 if autocast else torch.float32)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = run_block(block, inputs[idx].to(device, torch.float32), block_kwargs, overrides)
         return _mse(out, targets[idx].to(device, torch.float32))

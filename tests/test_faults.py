@@ -50,8 +50,8 @@ def test_bad_loss_in_one_block_falls_back_to_rounding(tiny_and_text, tmp_path, m
     poisoned = {"on": False}
     real_quantized_weights = signround_core.quantized_weights
 
-    def poisoning(weights, specs, tunables):
-        out = real_quantized_weights(weights, specs, tunables)
+    def poisoning(weights, specs, tunables, *dtype):
+        out = real_quantized_weights(weights, specs, tunables, *dtype)
         if poisoned["on"] and tunables is not None:
             out = {k: v * float("nan") if fault == "nan" else v * 50.0 for k, v in out.items()}
         return out
