@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -201,6 +202,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         fill_remaining(writer, source, model, plan, progress)
         memory.sample()
         writer.finish()
+    except BaseException:
+        if not tuning:  # nothing worth resuming: leave no partial shards behind
+            shutil.rmtree(work.path, ignore_errors=True)
+        raise
     finally:
         writer.close()
         source.close()
