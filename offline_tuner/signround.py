@@ -174,6 +174,22 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
 
     best = {k: v.clone() for k, v in tunables.items()}
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan
+    params = offsets + (clips if settings.tune_minmax else [])
+    step = {"decay": 1.0}
+
+    def signed_step(p: torch.Tensor) -> None:
+        """Called by autograd once p's gradient is complete: step p and free the gradient at once, so the
+        gradients of the whole block are never held together."""
+        is_offset = any(p is o for o in offsets)
+        with torch.no_grad():
+            p -= (settings.offset_lr if is_offset else settings.clip_lr) * step["decay"] * torch.sign(p.grad)
+            if is_offset:
+                p.clamp_(-0.5, 0.5)
+            else:
+                p.clamp_(0.0, 1.0)
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in params]
     for it in range(settings.iters):
         if order.numel() < bs:
             order = torch.cat([order, torch.randperm(n, generator=gen)])
@@ -186,23 +202,17 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
             break
         if loss_value < best_loss:
             best_loss, best_iter = loss_value, it
-            best = {k: v.clone() for k, v in tunables.items()}
-        params = offsets + (clips if settings.tune_minmax else [])
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        decay = 1.0 - it / settings.iters  # linear decay to 0
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                is_offset = any(p is o for o in offsets)
-                p -= (settings.offset_lr if is_offset else settings.clip_lr) * decay * torch.sign(g)
-                if is_offset:
-                    p.clamp_(-0.5, 0.5)
-                else:
-                    p.clamp_(0.0, 1.0)
+            for k, t in tunables.items():  # in place: no second copy of the block's tunables
+                for kept, now in zip(best[k].tensors(), t.tensors()):
+                    kept.copy_(now.detach())
+        step["decay"] = 1.0 - it / settings.iters  # linear decay to 0
+        loss.backward(inputs=params)  # each parameter steps as soon as its gradient is ready
+        del loss
         if progress:
             progress(it, loss_value)
 
+    for h in hooks:
+        h.remove()
     with torch.no_grad():
         final_rtn = float(loss_on(eval_idx, None))
         final_tuned = float(loss_on(eval_idx, best)) if settings.iters else final_rtn
