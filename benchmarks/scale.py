@@ -137,18 +137,19 @@ def run_autoround(model: Path, work: Path, iters: int, cap: int, name: str, bloc
         windows_file = work / "calibration.pt"
         torch.save(calibration_windows(model, calib, tune.seed), windows_file)
         cmd += ["--calibration", str(windows_file), "--batch-size", str(tune.batch_size)]
-    first_seen: dict[int, float] = {}  # block index -> when auto-round's progress bar first named it
+    done = {"blocks": 0, "seconds": None}  # from auto-round's own progress bar: "k/N [mm:ss<..."
 
     def enough(line: str) -> bool:
-        m = re.search(r"Quantizing model\.layers\.(\d+)", line)
-        if m:
-            first_seen.setdefault(int(m.group(1)), time.monotonic())
-        return blocks is not None and any(i >= blocks for i in first_seen)
+        m = re.search(r"\| *(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<", line)
+        if m and int(m.group(1)) > done["blocks"]:
+            done["blocks"] = int(m.group(1))
+            h, mm, ss = int(m.group(2) or 0), int(m.group(3)), int(m.group(4))
+            done["seconds"] = 3600 * h + 60 * mm + ss
+        return blocks is not None and done["blocks"] >= blocks
 
     log_path = work / f"autoround-{name}.log"
     m = run_measured(cmd, log_path, timeout_s=6 * 3600, memory_cap_bytes=cap, enough=enough)
-    starts = [first_seen[i] for i in sorted(first_seen)]
-    per_block = [b - a for a, b in zip(starts, starts[1:])] if iters else []
+    per_block = [done["seconds"] / done["blocks"]] * done["blocks"] if iters and done["blocks"] else []
     return result_row("auto-round 0.16.1", name, m, per_block, log_path)
 
 
@@ -166,7 +167,8 @@ def render(rows: list[dict], baseline: int, argv: list[str], cap: int) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        note = {"enough": f"stopped after {r['blocks_timed'] or 'the first'} blocks (as planned)",
+        n = r["blocks_timed"]
+        note = {"enough": f"stopped after {n or 'the first'} block{'' if n == 1 else 's'} (as planned)",
                 "memory cap": "stopped: exceeded the memory cap", "timeout": "stopped: time limit"}.get(r["stopped"] or "", "")
         if r["returncode"] not in (0, None) and not r["stopped"]:
             note = f"failed (exit {r['returncode']}); see {r['log']}"
