@@ -110,6 +110,8 @@ def main(argv=None) -> int:
                    help="one run per seed (calibration windows and batches); means are reported too")
     p.add_argument("--autoround", action=argparse.BooleanOptionalAction, default=True,
                    help="also run PyPI auto-round side by side (default on)")
+    p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="storage of SignRound's activation streams between blocks (default float32)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
                 "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
                 "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
                 "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
-                *(["--sym"] if spec.sym else [])],
+                "--stream-dtype", args.stream_dtype, *(["--sym"] if spec.sym else [])],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             if ar_python is not None:
                 tools["ar"] = ("auto-round", [
