@@ -19,6 +19,24 @@ from pathlib import Path
 from typing import Callable
 
 GiB = 2**30
+REPO = Path(__file__).resolve().parents[1]
+
+
+def use_checkout_packages() -> None:
+    """Make this checkout importable without installing it (a GPU machine has no package index): the
+    repository root on sys.path, and the kernel folder under its import name `signround_triton`."""
+    import importlib.util
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if "signround_triton" in sys.modules or importlib.util.find_spec("signround_triton") is not None:
+        return
+    folder = REPO / "triton_kernels"
+    spec = importlib.util.spec_from_file_location("signround_triton", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["signround_triton"] = module
+    spec.loader.exec_module(module)
 
 
 def log(tag: str, msg: str) -> None:

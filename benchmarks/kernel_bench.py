@@ -32,6 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.benchlib import use_checkout_packages  # noqa: E402
+
+use_checkout_packages()
 
 L2_BYTES = 50 * 2 ** 20
 DEVICE = "cuda"  # every tensor of the run lives here
@@ -104,7 +107,7 @@ def layer_bytes(packed, m, act_bytes=2) -> int:
 
 
 def run_triton(x, packed, config=None):
-    from triton_kernels.dequant_gemm import dequant_gemm
+    from signround_triton.dequant_gemm import dequant_gemm
 
     return dequant_gemm(x, packed.qweight, packed.scales, packed.qzeros, packed.spec.bits,
                         packed.spec.group_size, config=config)
@@ -224,8 +227,8 @@ def check_correctness(log) -> list[str]:
     """Kernel vs reference on the GPU; returns markdown lines; raises on NaN or a large error."""
     import torch
 
-    from triton_kernels.dequant_gemm import GemmConfig, tuned_config
-    from triton_kernels.reference import reference_linear
+    from signround_triton.dequant_gemm import GemmConfig, tuned_config
+    from signround_triton.reference import reference_linear
 
     lines = ["| case | M | max err / max ref | config |", "|---|---:|---:|---|"]
     cases = []
@@ -263,7 +266,7 @@ def check_correctness(log) -> list[str]:
 def bench_shapes(args, copy_bw, log, flush) -> list[str]:
     import torch
 
-    from triton_kernels.dequant_gemm import GemmConfig, tuned_config
+    from signround_triton.dequant_gemm import GemmConfig, tuned_config
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     forced = GemmConfig.parse(args.config) if args.config else None
@@ -316,7 +319,7 @@ def compare_word_fetch(args, log) -> list[str]:
 
     import torch
 
-    from triton_kernels.dequant_gemm import CONFIGS
+    from signround_triton.dequant_gemm import CONFIGS
 
     small = CONFIGS[0][2][:3]
     k, n = 4096, 14336

@@ -433,7 +433,9 @@ def kernels_in_log(path: Path) -> str:
         text = path.read_text(errors="replace")
     except OSError:
         return "?"
-    found = set(re.findall(r"layers \(e\.g\. [^)]*\) use (\w+)", text))
+    found = set(re.findall(r"layers \(e\.g\. [^)]*\) use kernel '(\w+)'", text))
+    if "no packed kernel fits" in text:
+        found.add("dense")
     found |= set(re.findall(r"Using (\w+) for (?:mixed-precision linear|\w+LinearMethod)", text))
     return ", ".join(sorted(found)) or "bf16 GEMM (unquantized)"
 
@@ -570,7 +572,7 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
         "packed copies that vLLM's CPU backend gives each unquantized GEMM (oneDNN handles, counted as k x n x 2 "
         "bytes): bf16 linears keep only that copy; the tied embedding keeps its table and gets two copies (for "
         "embed_tokens and lm_head), so it is held three times in every format. Linear kernel: as vLLM's log "
-        "names it (`CpuWna16` is the plugin's name for vLLM's CPUWNA16 kernel, the one GPTQ and AWQ get).",
+        "names it (`cpu_wna16` is the plugin's name for vLLM's CPUWNA16 kernel, the one GPTQ and AWQ get).",
         "",
         "## Weights, kernels and quality",
         "",

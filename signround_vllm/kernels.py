@@ -1,13 +1,14 @@
-"""Kernel candidates for SignRound linear layers inside vLLM.
+"""Kernel candidates for SignRound linear layers inside vLLM, and the one chooser.
 
-Each candidate answers `can_implement(geometry) -> (ok, reason)`, repacks a loaded
-layer once in `prepare`, and computes `x @ W^T + bias` in `apply`. `choose_kernel`
-takes the first candidate that can serve the layer, in the order of `CANDIDATES`.
+Each candidate has a short `name`, answers `can_implement(geometry) -> (ok, reason)`,
+checks and repacks a loaded layer once in `prepare`, and only computes `x @ W^T + bias`
+in `apply` (through a registered operator where the kernel is ours, so torch.compile
+captures it). `choose_kernel` takes the first candidate of `ORDER[device type]` that can
+serve the layer, or only the candidate forced by name (the `SIGNROUND_KERNEL` setting).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -41,40 +42,54 @@ def _drop_packed_params(layer) -> None:
 
 
 class TritonDequantGemm:
-    """Fused dequantize + GEMM in Triton, reading the packed layout directly (CUDA)."""
+    """Fused dequantize + GEMM in Triton, reading the packed layout directly (`signround::dequant_gemm`).
+
+    Runs on CUDA; on CPU only inside Triton's interpreter (TRITON_INTERPRET=1), for tests.
+    """
+
+    name = "triton"
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
+        self.group_size = geometry.spec.effective_group_size(geometry.in_features)
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
-        if g.device.type != "cuda":
-            return False, f"Triton dequant-GEMM needs a CUDA device (layer is on {g.device.type})"
         try:
-            from triton_kernels.dequant_gemm import dequant_gemm  # noqa: F401
+            from signround_triton import dequant_gemm
         except ImportError as e:
-            return False, f"triton_kernels.dequant_gemm is not importable ({e})"
-        if g.act_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"signround_triton.dequant_gemm is not importable ({e})"
+        if g.act_dtype not in dequant_gemm.ACT_DTYPES:
             return False, f"activation dtype {g.act_dtype} (supported: float16, bfloat16)"
+        if g.device.type == "cpu" and not dequant_gemm.is_interpreted():
+            return False, "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 set before " \
+                          "triton is imported)"
+        if g.device.type not in ("cpu", "cuda"):
+            return False, f"Triton dequant-GEMM needs a CUDA device (layer is on {g.device.type})"
         return True, None
 
     def prepare(self, layer) -> None:
+        from signround_triton import ops  # noqa: F401  registers torch.ops.signround.dequant_gemm
+        from signround_triton.dequant_gemm import check_operands
+
         for name in (QWEIGHT, SCALES, QZEROS):
             if hasattr(layer, name):
                 p = getattr(layer, name)
                 delattr(layer, name)
                 layer.register_parameter(name, torch.nn.Parameter(p.data.contiguous(), requires_grad=False))
+        bias = getattr(layer, "bias", None)
+        check_operands(layer.qweight, layer.scales, getattr(layer, QZEROS, None), self.g.spec.bits,
+                       self.group_size, self.g.in_features, bias if isinstance(bias, torch.Tensor) else None)
 
     def apply(self, layer, x, bias=None):
-        from triton_kernels.dequant_gemm import dequant_gemm
-
-        spec = self.g.spec
-        return dequant_gemm(x, layer.qweight, layer.scales, getattr(layer, QZEROS, None), spec.bits,
-                            spec.effective_group_size(self.g.in_features), bias=bias)
+        return torch.ops.signround.dequant_gemm(x, layer.qweight, layer.scales, getattr(layer, QZEROS, None), bias,
+                                                self.g.spec.bits, self.group_size)
 
 
 class CpuWna16:
     """vLLM's CPU int4 GEMM (`CPUWNA16LinearKernel`); 2- and 3-bit integers sit in 4-bit containers."""
+
+    name = "cpu_wna16"
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
@@ -142,13 +157,13 @@ class CpuWna16:
 class DenseDequantized:
     """Fallback: dequantize once at load and run a dense matmul (fast, but no memory saving)."""
 
+    name = "dense"
+
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
-        if os.environ.get("SIGNROUND_DISABLE_DENSE_FALLBACK") == "1":
-            return False, "disabled by SIGNROUND_DISABLE_DENSE_FALLBACK=1"
         return True, None
 
     def prepare(self, layer) -> None:
@@ -160,29 +175,47 @@ class DenseDequantized:
         return torch.nn.functional.linear(x, layer.dense_weight, bias)
 
 
-CANDIDATES = (TritonDequantGemm, CpuWna16, DenseDequantized)
+CANDIDATES = {cls.name: cls for cls in (TritonDequantGemm, CpuWna16, DenseDequantized)}
+# The order candidates are tried in, by device type; a forced candidate is tried alone.
+ORDER = {"cuda": ("triton", "dense"), "cpu": ("cpu_wna16", "dense")}
+FORCE_SETTING = "SIGNROUND_KERNEL"
 _logged: set[tuple] = set()
 
 
-def choose_kernel(g: LayerGeometry, candidates=CANDIDATES):
-    """The first candidate that can serve `g`; ValueError listing every reason if none can."""
+def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str, ...] | None = None):
+    """The first candidate that can serve `g`; ValueError listing every reason if none can.
+
+    forced: a candidate name (the $SIGNROUND_KERNEL setting): only it is tried. order: the
+    names to try otherwise (default: ORDER for the layer's device type).
+    """
     from vllm.logger import init_logger
 
     logger = init_logger("vllm.signround")
+    if forced:
+        if forced not in CANDIDATES:
+            raise ValueError(f"{FORCE_SETTING}={forced!r} names no SignRound kernel; choose one of {list(CANDIDATES)}")
+        names = (forced,)
+    else:
+        names = order or ORDER.get(g.device.type, ("dense",))
     reasons = []
-    for cls in candidates:
+    for name in names:
+        cls = CANDIDATES[name]
         ok, why = cls.can_implement(g)
         if ok:
-            key = (cls.__name__, g.spec, tuple(reasons))
+            key = (name, g.spec, tuple(reasons), forced)
             if key not in _logged:
                 _logged.add(key)
-                if cls is DenseDequantized:
+                how = f"forced by {FORCE_SETTING}={forced}" if forced else "chosen"
+                if cls is DenseDequantized and not forced:
                     logger.warning("SignRound %s layers (e.g. %s): no packed kernel fits, so weights are "
                                    "dequantized to %s at load (no memory saving). Reasons: %s",
                                    g.spec.short_name(), g.name, g.act_dtype, "; ".join(reasons))
                 else:
-                    logger.info("SignRound %s layers (e.g. %s) use %s", g.spec.short_name(), g.name, cls.__name__)
+                    logger.info("SignRound %s layers (e.g. %s) use kernel %r (%s)", g.spec.short_name(), g.name,
+                                name, how)
             return cls(g)
-        reasons.append(f"{cls.__name__}: {why}")
+        reasons.append(f"{name}: {why}")
+    forced_note = f" (forced by {FORCE_SETTING}={forced})" if forced else ""
     raise ValueError(f"{g.name}: no kernel can serve {g.spec.short_name()} with in_features={g.in_features}, "
-                     f"out_features={g.out_features}, dtype={g.act_dtype}:\n  " + "\n  ".join(reasons))
+                     f"out_features={g.out_features}, dtype={g.act_dtype} on {g.device.type}{forced_note}:\n  "
+                     + "\n  ".join(reasons))

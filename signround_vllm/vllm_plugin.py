@@ -6,12 +6,14 @@ Three phases per linear layer, as in vLLM's own methods:
   process_weights_after_loading  hands the loaded tensors to the chosen kernel, which repacks once;
   apply                          calls the kernel.
 
-Kernels are candidates in `signround_vllm.kernels`; the first that can serve a layer wins, and
-a layer none can serve fails at load with every candidate's reason.
+Kernels are candidates in `signround_vllm.kernels`; the first that can serve a layer wins (or the
+one named by $SIGNROUND_KERNEL, read once when the config is made), and a layer none can serve
+fails at load with every candidate's reason.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from signround_vllm.format import (
     QUANT_METHOD, QWEIGHT, LayerQuantSpec, SignRoundConfig, SignRoundFormatError,
     packed_tensor_specs,
 )
-from signround_vllm.kernels import LayerGeometry, choose_kernel
+from signround_vllm.kernels import FORCE_SETTING, LayerGeometry, choose_kernel
 
 logger = init_logger("vllm.signround")
 
@@ -38,9 +40,10 @@ logger = init_logger("vllm.signround")
 class SignRoundVllmConfig(QuantizationConfig):
     """vLLM's view of a SignRound `quantization_config`."""
 
-    def __init__(self, config: SignRoundConfig):
+    def __init__(self, config: SignRoundConfig, forced_kernel: str | None = None):
         super().__init__()
         self.config = config
+        self.forced_kernel = forced_kernel or os.environ.get(FORCE_SETTING) or None
 
     def __repr__(self) -> str:
         return f"SignRoundVllmConfig({self.config.to_dict()})"
@@ -115,7 +118,7 @@ class SignRoundVllmConfig(QuantizationConfig):
             spec = self.spec_for_layer(prefix)
             if spec is None:
                 return UnquantizedLinearMethod()
-            return SignRoundLinearMethod(spec, prefix)
+            return SignRoundLinearMethod(spec, prefix, self.forced_kernel)
         return None
 
 
@@ -140,9 +143,10 @@ def _check_loaded(layer_name: str, tensor_name: str, dtype: torch.dtype, loader)
 class SignRoundLinearMethod(LinearMethodBase):
     """Packed SignRound weights for one linear layer (possibly fused, possibly a TP shard)."""
 
-    def __init__(self, spec: LayerQuantSpec, prefix: str):
+    def __init__(self, spec: LayerQuantSpec, prefix: str, forced_kernel: str | None = None):
         self.spec = spec
         self.prefix = prefix
+        self.forced_kernel = forced_kernel
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -180,8 +184,7 @@ class SignRoundLinearMethod(LinearMethodBase):
 
         geometry = LayerGeometry(name=self.prefix, spec=spec, in_features=k_local, out_features=out_local,
                                  act_dtype=params_dtype, device=torch.get_default_device())
-        self.kernel = choose_kernel(geometry)
-        layer.signround_kernel_name = type(self.kernel).__name__
+        self.kernel = choose_kernel(geometry, forced=self.forced_kernel)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.kernel.prepare(layer)

@@ -7,32 +7,47 @@ from signround_vllm.format import LayerQuantSpec
 kernels = pytest.importorskip("signround_vllm.kernels")
 
 
-def geometry(bits, device="cpu", k=256, n=128, group_size=32):
+def geometry(bits, device="cpu", k=256, n=128, group_size=32, act_dtype=torch.bfloat16):
     return kernels.LayerGeometry(name="model.layers.0.mlp.down_proj", spec=LayerQuantSpec(bits, group_size, False),
-                                 in_features=k, out_features=n, act_dtype=torch.bfloat16,
-                                 device=torch.device(device))
+                                 in_features=k, out_features=n, act_dtype=act_dtype, device=torch.device(device))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_cpu_uses_vllm_int4_kernel_up_to_4_bits(bits):
-    assert type(kernels.choose_kernel(geometry(bits))).__name__ == "CpuWna16"
+    assert kernels.choose_kernel(geometry(bits)).name == "cpu_wna16"
 
 
 def test_cpu_8_bit_and_odd_sizes_fall_back_to_dense():
-    assert type(kernels.choose_kernel(geometry(8))).__name__ == "DenseDequantized"
-    assert type(kernels.choose_kernel(geometry(4, n=48))).__name__ == "DenseDequantized"
+    assert kernels.choose_kernel(geometry(8)).name == "dense"
+    assert kernels.choose_kernel(geometry(4, n=48)).name == "dense"
 
 
 def test_cuda_layers_use_triton():
-    assert type(kernels.choose_kernel(geometry(3, device="cuda"))).__name__ == "TritonDequantGemm"
+    assert kernels.choose_kernel(geometry(3, device="cuda")).name == "triton"
 
 
-def test_no_candidate_lists_every_reason(monkeypatch):
-    monkeypatch.setenv("SIGNROUND_DISABLE_DENSE_FALLBACK", "1")
+def test_every_ordered_name_is_a_candidate():
+    for device, names in kernels.ORDER.items():
+        assert names and all(n in kernels.CANDIDATES for n in names), device
+
+
+def test_forcing_a_kernel_tries_only_it():
+    assert kernels.choose_kernel(geometry(4), forced="dense").name == "dense"
+    with pytest.raises(ValueError) as e:  # 8 bits do not fit cpu_wna16, and forcing allows no fallback
+        kernels.choose_kernel(geometry(8), forced="cpu_wna16")
+    text = str(e.value)
+    assert "SIGNROUND_KERNEL=cpu_wna16" in text and "8-bit integers do not fit" in text and "dense" not in text
+
+
+def test_forcing_an_unknown_kernel_names_the_choices():
+    with pytest.raises(ValueError, match=r"SIGNROUND_KERNEL='marlin' names no SignRound kernel.*'triton'"):
+        kernels.choose_kernel(geometry(4), forced="marlin")
+
+
+def test_no_candidate_lists_every_reason():
     with pytest.raises(ValueError) as e:
-        kernels.choose_kernel(geometry(8))
+        kernels.choose_kernel(geometry(8, act_dtype=torch.float32), order=("cpu_wna16", "triton"))
     text = str(e.value)
     assert "model.layers.0.mlp.down_proj" in text and "W8G32asym" in text
-    for name in ("TritonDequantGemm: ", "CpuWna16: ", "DenseDequantized: "):
-        assert name in text
-    assert "8-bit integers do not fit" in text and "needs a CUDA device" in text
+    assert "cpu_wna16: " in text and "triton: " in text
+    assert "8-bit integers do not fit" in text and "activation dtype torch.float32" in text

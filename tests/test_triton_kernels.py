@@ -3,7 +3,7 @@
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors. Triton decides
 interpreter or compiler when a function is *created* by ``@triton.jit``: for Triton's own
 library functions (``tl.zeros``, ``tl.cdiv``, ...) when ``triton`` is first imported, for
-the kernel when ``triton_kernels.dequant_gemm`` is imported; it reads ``TRITON_INTERPRET``
+the kernel when ``signround_triton.dequant_gemm`` is imported; it reads ``TRITON_INTERPRET``
 again while interpreted kernels run. So this module sets the variable for its imports
 (re-importing the kernel module if another module imported it compiled), restores the
 environment for the modules collected after it, and sets it again around its own tests.
@@ -43,7 +43,7 @@ with _interpreter_env():
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    import triton_kernels.dequant_gemm as dg
+    import signround_triton.dequant_gemm as dg
 
     if not CUDA and not dg.is_interpreted():
         dg = importlib.reload(dg)
@@ -54,7 +54,7 @@ if not CUDA and not isinstance(tl.zeros, InterpretedFunction):
                 "TRITON_INTERPRET=1 set for the whole session", allow_module_level=True)
 
 from signround_vllm.format import LayerQuantSpec, PackedLinear, SignRoundFormatError, pack_linear  # noqa: E402
-from triton_kernels.reference import reference_linear  # noqa: E402
+from signround_triton.reference import reference_linear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = (2, 3, 4, 8)
@@ -266,11 +266,54 @@ def test_config_forced_by_environment(monkeypatch):
     def run():
         return dg.dequant_gemm(x.to(DEVICE), qweight, scales, None, 2, 32).cpu()
 
-    monkeypatch.setenv(dg.CONFIG_ENV_VAR, "BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,SPLIT_K=2,num_warps=2,num_stages=2")
-    check_close(run(), reference_linear(x, packed), torch.float16, "config from env")
-    monkeypatch.setenv(dg.CONFIG_ENV_VAR, "BLOCK_M=16,BLOCK_N=32,BLOCK_K=48")
-    with pytest.raises(ValueError, match="block_k=48"):
-        run()
+    try:
+        monkeypatch.setenv(dg.CONFIG_ENV_VAR, "BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,SPLIT_K=2,num_warps=2,num_stages=2")
+        dg.forced_config.cache_clear()
+        check_close(run(), reference_linear(x, packed), torch.float16, "config from env")
+        monkeypatch.setenv(dg.CONFIG_ENV_VAR, "BLOCK_M=16,BLOCK_N=32,BLOCK_K=48")
+        dg.forced_config.cache_clear()
+        with pytest.raises(ValueError, match="block_k=48"):
+            run()
+    finally:
+        monkeypatch.delenv(dg.CONFIG_ENV_VAR)
+        dg.forced_config.cache_clear()
+
+
+# ----------------------------------------------------------------------------
+# The registered operator: what torch.compile (and so vLLM) calls
+# ----------------------------------------------------------------------------
+def _op_args(bits=3, group_size=32, sym=False, m=5, n=40, k=128, with_bias=True):
+    packed = make_layer(bits, group_size, sym, n, k, seed=71)
+    x = random_x(m, k, torch.bfloat16, seed=72).to(DEVICE)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(73)).to(torch.bfloat16).to(DEVICE)
+    qweight, scales, qzeros = on_device(packed)
+    return packed, (x, qweight, scales, qzeros, bias if with_bias else None, bits, group_size)
+
+
+def test_operator_matches_reference_and_passes_opcheck():
+    import signround_triton.ops  # noqa: F401  registers the operator
+
+    packed, args = _op_args()
+    y = torch.ops.signround.dequant_gemm(*args).cpu()
+    check_close(y, reference_linear(args[0].cpu(), packed, args[4].cpu()), torch.bfloat16, "operator")
+    # Schema, fake (meta) implementation against the real one, and dispatch under AOT autograd.
+    torch.library.opcheck(torch.ops.signround.dequant_gemm.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_operator_is_captured_whole_by_torch_compile():
+    import signround_triton.ops  # noqa: F401
+
+    packed, args = _op_args(bits=2, sym=True, m=3, with_bias=False)
+    x, rest = args[0], args[1:]
+
+    def linear(x):
+        return torch.ops.signround.dequant_gemm(x * 2, *rest) + 1
+
+    compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break fails
+    for m in (3, 7):  # a second batch size goes through the dynamic-shape graph
+        xm = random_x(m, x.shape[-1], torch.bfloat16, seed=74 + m).to(DEVICE)
+        check_close(compiled(xm).cpu(), linear(xm).cpu(), torch.bfloat16, f"compiled, M={m}")
 
 
 # ----------------------------------------------------------------------------
@@ -357,7 +400,7 @@ def test_config_table_rules():
 def _run_aot_check(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--jobs", str(os.cpu_count() or 1),
+    proc = subprocess.run([sys.executable, "-m", "signround_triton.aot_check", "--jobs", str(os.cpu_count() or 1),
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in records if not r["ok"]]
@@ -373,7 +416,7 @@ def test_every_autotune_candidate_compiles_for_sm90():
     (each bit width meets every group x symmetry x dtype across the candidates), which keeps
     this at ~90 compilations, about a minute on 2 cores; test_..._full compiles the product.
     """
-    from triton_kernels.aot_check import aot_cases
+    from signround_triton.aot_check import aot_cases
 
     records = _run_aot_check()
     assert len(records) == len(aot_cases()) == len(dg.all_configs()) * len(BITS)
@@ -384,7 +427,7 @@ def test_every_autotune_candidate_compiles_for_sm90():
 @pytest.mark.skipif(os.environ.get("SIGNROUND_AOT_FULL") != "1",
                     reason="the full product (704 compilations, ~8 min here) runs with SIGNROUND_AOT_FULL=1")
 def test_every_autotune_candidate_compiles_for_sm90_full():
-    from triton_kernels.aot_check import aot_cases
+    from signround_triton.aot_check import aot_cases
 
     assert len(_run_aot_check("--full")) == len(aot_cases(full=True))
 

@@ -111,3 +111,50 @@ def test_tensor_parallel_2_matches_single_rank(tiny_model, tmp_path, spec):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS=")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     assert_same_greedy_as(ckpt, deq, out=json.loads(lines[0][len("TOKENS="):]))
+
+
+COMPILED_SCRIPT = r"""
+import json, sys
+from tests.vllm_utils import greedy_tokens_and_logprobs, make_llm
+import signround_triton.dequant_gemm as kernel
+
+launches = 0
+launch = kernel.launch
+
+
+def counted_launch(*args, **kwargs):
+    global launches
+    launches += 1
+    return launch(*args, **kwargs)
+
+
+kernel.launch = counted_launch  # the registered operator looks it up on every call
+if __name__ == "__main__":
+    path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = make_llm(path, enforce_eager=False)  # vLLM's torch.compile on
+    launches = 0
+    out = greedy_tokens_and_logprobs(llm, prompts, n)
+    print("LAUNCHES=" + json.dumps(launches), flush=True)
+    print("TOKENS=" + json.dumps(out), flush=True)
+"""
+
+
+def test_compiled_engine_served_by_triton_operator(tiny_model, tmp_path):
+    """vLLM with compilation on, the Triton kernel forced (in the interpreter): the compiled graph
+    calls `signround::dequant_gemm`, and the tokens are those of the dequantized weights."""
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, LayerQuantSpec(3, 32, False))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", SIGNROUND_KERNEL="triton", PYTHONPATH=str(root))
+    script = tmp_path / "compiled.py"
+    script.write_text(COMPILED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    found = {key: json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines()
+             for key in ("LAUNCHES", "TOKENS") if line.startswith(key + "=")}
+    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "use kernel 'triton' (forced by SIGNROUND_KERNEL=triton)" in log
+    assert "saved AOT compiled function" in log or "Directly load AOT compilation" in log, log[-4000:]
+    # Two blocks of four linear layers (qkv, o, gate_up, down), at least once per forward step.
+    assert found["LAUNCHES"] >= 8 * MAX_TOKENS, found["LAUNCHES"]
+    assert_same_greedy_as(ckpt, deq, out=found["TOKENS"])

@@ -1,13 +1,13 @@
 """Compile the kernel ahead of time for an H100 (sm_90) without a GPU, and check its resources.
 
-Every configuration the autotuner may choose (:func:`triton_kernels.dequant_gemm.all_configs`)
+Every configuration the autotuner may choose (:func:`signround_triton.dequant_gemm.all_configs`)
 is compiled for every bit width; group size (32: several groups per K tile, 128: one),
 symmetry, activation dtype and K-tail masking are dealt round-robin so that each bit width
 meets each of those combinations across the configurations (``--full``: the whole product).
 A case fails when Triton cannot compile it or when it needs more shared memory than an
 H100 block may have.
 
-    python -m triton_kernels.aot_check [--full] [--jobs N]
+    python -m signround_triton.aot_check [--full] [--jobs N]
 
 Needs TRITON_INTERPRET unset (the interpreter replaces the compiler). Prints one JSON
 object per case and exits non-zero if any case failed.
@@ -28,7 +28,7 @@ import tempfile
 import triton
 
 from signround_vllm.format import SUPPORTED_BITS
-from triton_kernels.dequant_gemm import GROUP_M, GemmConfig, all_configs, check_config, dequant_gemm_kernel
+from signround_triton.dequant_gemm import GROUP_M, GemmConfig, all_configs, check_config, dequant_gemm_kernel
 
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on an H100 (opt-in maximum)
 AOT_GROUP_SIZES = (32, 128)
@@ -80,7 +80,7 @@ def compile_ahead_of_time(case: AotCase, capability: int = 90):
     fn = dequant_gemm_kernel.fn
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset when "
-                           "triton_kernels.dequant_gemm is imported")
+                           "signround_triton.dequant_gemm is imported")
     act = case.dtype
     pointers = {"x_ptr": f"*{act}", "qweight_ptr": "*i32", "scales_ptr": "*fp16",
                 "c_ptr": "*fp32" if config.split_k > 1 else f"*{act}"}

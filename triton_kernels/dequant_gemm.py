@@ -30,6 +30,7 @@ variable ``SIGNROUND_TRITON_CONFIG``), it launches one configuration directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Iterable, Mapping
 
@@ -190,7 +191,9 @@ def default_config(m: int, k: int) -> GemmConfig:
     return _prune_configs(bucket_for(m)[1], k)[0]
 
 
-def _config_from_env() -> GemmConfig | None:
+@functools.cache
+def forced_config() -> GemmConfig | None:
+    """The configuration $SIGNROUND_TRITON_CONFIG forces, read once (call cache_clear() to re-read)."""
     text = os.environ.get(CONFIG_ENV_VAR)
     return GemmConfig.parse(text) if text else None
 
@@ -432,18 +435,25 @@ def tuned_config(m: int) -> str | None:
 # ----------------------------------------------------------------------------
 # Host wrapper: checks, allocates, launches
 # ----------------------------------------------------------------------------
-def _check_inputs(x, qweight, scales, qzeros, bits, group_size, bias) -> LayerQuantSpec:
-    """Raise a clear error unless the operands follow the format; returns the layer's spec."""
+def check_operands(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
+                   group_size: int, k: int, bias: torch.Tensor | None = None,
+                   x: torch.Tensor | None = None) -> LayerQuantSpec:
+    """Raise a clear error unless a layer's tensors follow the format for K=k (and x, if given, fits).
+
+    Returns the layer's spec, its group size -1 when one group spans K. Layers call it once when
+    they are prepared; :func:`dequant_gemm` calls it on every call.
+    """
     for name, t in (("x", x), (QWEIGHT, qweight), (SCALES, scales), (QZEROS, qzeros)):
-        if not isinstance(t, torch.Tensor) and not (name == QZEROS and t is None):
+        if not isinstance(t, torch.Tensor) and not (name in ("x", QZEROS) and t is None):
             raise TypeError(f"dequant_gemm: {name} must be a torch.Tensor, found {type(t).__name__}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"dequant_gemm: x has dtype {x.dtype}; expected torch.float16 or torch.bfloat16")
-    if x.dim() < 1:
-        raise ValueError("dequant_gemm: x must have at least one dimension [..., K]")
-    k = x.shape[-1]
+    if x is not None:
+        if x.dtype not in ACT_DTYPES:
+            raise TypeError(f"dequant_gemm: x has dtype {x.dtype}; expected torch.float16 or torch.bfloat16")
+        if x.dim() < 1:
+            raise ValueError("dequant_gemm: x must have at least one dimension [..., K]")
     if k % PACK_RUN:
-        raise ValueError(f"dequant_gemm: x has K={k} (shape {tuple(x.shape)}), which is not a multiple of "
+        shape = f" (shape {tuple(x.shape)})" if x is not None else ""
+        raise ValueError(f"dequant_gemm: x has K={k}{shape}, which is not a multiple of "
                          f"{PACK_RUN}; the packed layout needs K % {PACK_RUN} == 0")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"dequant_gemm: bits={bits!r}; expected one of {list(SUPPORTED_BITS)}")
@@ -483,9 +493,19 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     qzeros uint8 [K // G, N] or None (symmetric); bias [N] or None. The output has x's dtype.
     `config` forces one launch configuration (otherwise: $SIGNROUND_TRITON_CONFIG, then the
     bucket's first candidate under the interpreter, else autotuning over the bucket).
+    Checks every operand first; :func:`launch` is the same without the checks.
     """
-    spec = _check_inputs(x, qweight, scales, qzeros, bits, group_size, bias)
-    group_size = spec.group_size  # -1 when one group spans K
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dequant_gemm: x must be a torch.Tensor, found {type(x).__name__}")
+    k = x.shape[-1] if x.dim() else 0
+    spec = check_operands(qweight, scales, qzeros, bits, group_size, k, bias, x=x)
+    return launch(x, qweight, scales, qzeros, bits, spec.group_size, bias, config=config)
+
+
+def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+           bits: int, group_size: int, bias: torch.Tensor | None = None, *,
+           config: GemmConfig | None = None) -> torch.Tensor:
+    """:func:`dequant_gemm` for operands already checked (group_size -1 when one group spans K)."""
     k = x.shape[-1]
     n = qweight.shape[1]
     lead = x.shape[:-1]
@@ -495,7 +515,7 @@ def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         return x.new_zeros(*lead, n)
 
     bucket, candidates = bucket_for(m)
-    config = config or _config_from_env()
+    config = config or forced_config()
     if config is None and is_interpreted():
         config = default_config(m, k)
     if config is not None:
