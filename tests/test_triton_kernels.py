@@ -179,8 +179,23 @@ def _bucket_m(config: dg.GemmConfig) -> int:
     """A batch size in the bucket that lists `config`, not a multiple of its tile."""
     for name, max_m, configs in dg.CONFIGS:
         if config in configs:
+            if max_m is not None and max_m <= 8:
+                return max(1, max_m - 1)
             return {"small": 7, "medium": 40}.get(name, 130)
     raise AssertionError(config)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("block_m", [1, 2, 4, 8])
+def test_decode_tiles_of_fewer_than_16_rows(bits, block_m):
+    """FMA tiles (BLOCK_M < 16): a partial last M tile, split K, a tail in N, bias, bf16."""
+    m, n, k = block_m + 1, 72, 256
+    packed = make_layer(bits, 64, bits % 2 == 0, n, k, seed=300 + bits * 10 + block_m)
+    x = random_x(m, k, torch.bfloat16, seed=block_m)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(bits)).to(torch.bfloat16)
+    config = dg.GemmConfig(block_m, 64, 64, split_k=2)
+    check_close(run_kernel(x, packed, bias=bias, config=config), reference_linear(x, packed, bias),
+                torch.bfloat16, f"BLOCK_M={block_m} W{bits}")
 
 
 @pytest.mark.parametrize("index", range(len(dg.all_configs())))
@@ -375,12 +390,15 @@ def test_error_cpu_tensors_without_interpreter(monkeypatch):
 # ----------------------------------------------------------------------------
 def test_config_table_rules():
     names = [name for name, _, _ in dg.CONFIGS]
-    assert names == ["small", "medium", "large"] and dg.CONFIGS[-1][1] is None
-    assert [dg.bucket_for(m)[0] for m in (1, 16, 17, 64, 65, 4096)] == \
-        ["small", "small", "medium", "medium", "large", "large"]
-    for name, _, configs in dg.CONFIGS:
+    assert names == ["m1", "m2", "m4", "m8", "small", "medium", "large"] and dg.CONFIGS[-1][1] is None
+    assert [dg.bucket_for(m)[0] for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65, 4096)] == \
+        ["m1", "m2", "m4", "m4", "m8", "m8", "small", "small", "medium", "medium", "large", "large"]
+    for name, max_m, configs in dg.CONFIGS:
         assert configs, name
-        assert configs[0].split_k > 1 or name != "small", "batch 1 should split K by default"
+        if max_m is not None and max_m <= 16:
+            assert configs[0].split_k > 1, f"{name}: small batches should split K by default"
+        if max_m is not None and max_m <= 8:  # decode: the default tile holds the batch, not 16 rows
+            assert configs[0].block_m == max_m, name
     for config in dg.all_configs():
         assert config.block_k % 32 == 0
         for group_size in (32, 64, 128, -1):
@@ -391,6 +409,8 @@ def test_config_table_rules():
         dg.check_config(dg.GemmConfig(16, 32, 64), 96)
     with pytest.raises(ValueError, match="multiple of 32"):
         dg.GemmConfig(16, 32, 16)
+    with pytest.raises(ValueError, match="block_m=3 must be a power of two >= 1"):
+        dg.GemmConfig(3, 32, 64)
     assert dg.GemmConfig.parse("BLOCK_M=16,BLOCK_N=32,BLOCK_K=64,GATHER_WORDS=1").gather_words
 
 

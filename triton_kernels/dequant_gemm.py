@@ -16,7 +16,9 @@ repeated along K in registers; ``GemmConfig.gather_words`` instead loads, for ev
 (k, n), the word holding k (the same word 32 // BITS times, which the software
 pipeline then also stages that many times in shared memory). The integers are
 dequantized in fp32 (exact: ``q * s - z * s``), cast to the activation dtype and fed
-to ``tl.dot`` with an fp32 accumulator. Small batches split K over a second grid
+to ``tl.dot`` with an fp32 accumulator; decode tiles of fewer than 16 rows (``BLOCK_M`` 1
+to 8, for batches of 1 to 8) multiply with fp32 FMAs and a sum over k instead, so no
+padded rows are computed. Small batches split K over a second grid
 axis and add their partial sums into a zeroed fp32 buffer with atomics (the order
 of those fp32 additions is not fixed: results may differ in the last fp32 bit
 between runs, rarely in the rounded output).
@@ -60,7 +62,7 @@ GROUP_M = 8  # program-id swizzle: this many M tiles share a column of N tiles (
 class GemmConfig:
     """One launch configuration of the kernel."""
 
-    block_m: int
+    block_m: int  # < 16: decode tiles, multiplied in fp32 FMAs (tensor cores need 16 rows)
     block_n: int
     block_k: int  # a multiple of 32 (whole packing runs); divides G or is a multiple of G
     split_k: int = 1  # > 1: K tiles are dealt round-robin to split_k programs, summed with atomics
@@ -73,8 +75,10 @@ class GemmConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"GemmConfig.{name}={v} must be a power of two >= 16 (tl.dot needs it)")
+            least = 1 if name == "block_m" else 16
+            if v < least or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name}={v} must be a power of two >= {least}"
+                                 + (" (tl.dot needs it)" if least == 16 else ""))
         if self.block_k % PACK_RUN:
             raise ValueError(f"GemmConfig.block_k={self.block_k} must be a multiple of {PACK_RUN} "
                              f"(a K tile must hold whole packing runs)")
@@ -116,7 +120,32 @@ def _c(bm, bn, bk, sk, w, s) -> GemmConfig:
 # Buckets by batch rows M: (name, largest M, candidates). The first candidate of a
 # bucket is what runs without autotuning (interpreter, or a single forced choice).
 # Small batches are memory bound: split K so that a few N tiles still fill 132 SMs.
+# Decode (M <= 8) tiles hold M rows, not 16: they multiply with FMAs instead of tensor
+# cores, which do no work for padded rows but need 16 of them (M = 8 also tries 16).
 CONFIGS: tuple[tuple[str, int | None, tuple[GemmConfig, ...]], ...] = (
+    ("m1", 1, (
+        _c(1, 64, 128, 4, 4, 3),
+        _c(1, 128, 128, 8, 4, 3),
+        _c(1, 32, 256, 4, 4, 3),
+        _c(1, 64, 64, 8, 2, 4),
+    )),
+    ("m2", 2, (
+        _c(2, 64, 128, 4, 4, 3),
+        _c(2, 64, 64, 8, 4, 4),
+        _c(2, 128, 64, 4, 4, 3),
+    )),
+    ("m4", 4, (
+        _c(4, 64, 64, 4, 4, 3),
+        _c(4, 32, 128, 4, 4, 3),
+        _c(4, 64, 32, 8, 4, 4),
+        _c(16, 64, 128, 4, 4, 4),
+    )),
+    ("m8", 8, (
+        _c(8, 32, 64, 4, 4, 3),
+        _c(8, 64, 32, 4, 4, 4),
+        _c(16, 64, 128, 4, 4, 4),
+        _c(16, 64, 128, 2, 4, 4),
+    )),
     ("small", 16, (
         _c(16, 64, 128, 4, 4, 4),
         _c(16, 64, 128, 1, 4, 4),
@@ -362,7 +391,12 @@ def dequant_gemm_kernel(
                 zs = z * s
             w = qf * _repeat_rows(s, NG, GROUP_SIZE, BLOCK_N) - _repeat_rows(zs, NG, GROUP_SIZE, BLOCK_N)
 
-        if DOT_FP32:
+        if BLOCK_M < 16:
+            # Decode: no tensor cores for so few rows; products and the sum over k in fp32, the
+            # weights rounded to the activation dtype as on the tensor-core path.
+            wf = w.to(a.dtype).to(tl.float32)
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * wf[None, :, :], axis=1)
+        elif DOT_FP32:
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(a, w.to(a.dtype))
