@@ -433,7 +433,8 @@ def kernels_in_log(path: Path) -> str:
         text = path.read_text(errors="replace")
     except OSError:
         return "?"
-    found = set(re.findall(r"layers \(e\.g\. [^)]*\) use kernel '(\w+)'", text))
+    found = {f"{name} ({under})" if under else name
+             for name, under in re.findall(r"layers \(e\.g\. [^)]*\) use kernel '(\w+)'(?: = (\w+))?", text)}
     if "no packed kernel fits" in text:
         found.add("dense")
     found |= set(re.findall(r"Using (\w+) for (?:mixed-precision linear|\w+LinearMethod)", text))
@@ -572,7 +573,7 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
         "packed copies that vLLM's CPU backend gives each unquantized GEMM (oneDNN handles, counted as k x n x 2 "
         "bytes): bf16 linears keep only that copy; the tied embedding keeps its table and gets two copies (for "
         "embed_tokens and lm_head), so it is held three times in every format. Linear kernel: as vLLM's log "
-        "names it (`cpu_wna16` is the plugin's name for vLLM's CPUWNA16 kernel, the one GPTQ and AWQ get).",
+        "names it (`vllm` is the plugin's wrapper of vLLM's own kernel chooser, named with the kernel it chose; `vllm_4bit` the same with 2/3-bit integers in 4-bit containers).",
         "",
         "## Weights, kernels and quality",
         "",

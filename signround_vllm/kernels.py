@@ -28,6 +28,7 @@ class LayerGeometry:
     out_features: int  # per rank, fused outputs summed
     act_dtype: torch.dtype
     device: torch.device
+    full_in_features: int | None = None  # before tensor-parallel splitting (None: in_features)
 
 
 def _packed_from_layer(layer, spec: LayerQuantSpec) -> PackedLinear:
@@ -86,72 +87,116 @@ class TritonDequantGemm:
                                                 self.g.spec.bits, self.group_size)
 
 
-class CpuWna16:
-    """vLLM's CPU int4 GEMM (`CPUWNA16LinearKernel`); 2- and 3-bit integers sit in 4-bit containers."""
+class VllmMixedPrecision:
+    """vLLM's own mixed-precision GEMMs, through vLLM's kernel chooser (Machete or Marlin for 4/8 bits,
+    Humming for 2/3 bits when installed, on CUDA; CPUWNA16 for 4 bits on CPU).
 
-    name = "cpu_wna16"
+    The layer is repacked into compressed-tensors' pack-quantized layout (`signround_vllm.layouts`),
+    the layout vLLM's own `CompressedTensorsWNA16` hands these kernels, and the chosen kernel repacks
+    it once more into its own. The weight types are exact: `uint{b}` with zero points for asymmetric
+    layers, `uint{b}b{2^(b-1)}` (the implied zero point) for symmetric ones.
+    """
+
+    name = "vllm"
+    container_bits: int | None = None  # None: the layer's own width
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
+        self.kernel_class = self._choose(geometry)[0]
 
-    @staticmethod
-    def _mp_config(g: LayerGeometry):
+    @classmethod
+    def _mp_config(cls, g: LayerGeometry):
         from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
         from vllm.scalar_type import scalar_types
 
-        four_bit_sym = g.spec.sym and g.spec.bits == 4
+        bits = cls.container_bits or g.spec.bits
+        sym = g.spec.sym and cls.container_bits is None  # widened layers carry explicit zero points
+        weight_type = getattr(scalar_types, f"uint{bits}b{1 << (bits - 1)}" if sym else f"uint{bits}")
         return MPLinearLayerConfig(
-            full_weight_shape=(g.in_features, g.out_features),
+            full_weight_shape=(g.full_in_features or g.in_features, g.out_features),
             partition_weight_shape=(g.in_features, g.out_features),
-            weight_type=scalar_types.uint4b8 if four_bit_sym else scalar_types.uint4,
-            act_type=g.act_dtype, group_size=g.spec.group_size, zero_points=not four_bit_sym)
+            weight_type=weight_type, act_type=g.act_dtype, group_size=g.spec.group_size, zero_points=not sym)
 
-    @staticmethod
-    def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
-        if g.device.type != "cpu":
-            return False, "vLLM's CPU int4 kernel runs only on CPU"
-        if g.spec.bits > 4:
-            return False, f"{g.spec.bits}-bit integers do not fit its 4-bit containers"
+    @classmethod
+    def _choose(cls, g: LayerGeometry):
+        """(vLLM's kernel class, None) or (None, why not)."""
         try:
-            from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+            from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+            from vllm.platforms import current_platform
         except ImportError as e:
-            return False, f"vLLM has no CPUWNA16LinearKernel ({e})"
-        return CPUWNA16LinearKernel.can_implement(CpuWna16._mp_config(g))
+            return None, f"vLLM has no mixed-precision kernel chooser ({e})"
+        if current_platform.device_type != g.device.type:
+            return None, f"this vLLM build runs on {current_platform.device_type}, the layer is on {g.device.type}"
+        config = cls._mp_config(g)
+        try:
+            return choose_mp_linear_kernel(config), None
+        except ValueError as e:
+            reasons = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+            return None, f"no vLLM kernel takes {config.weight_type} (group {g.spec.group_size}): {reasons}"
+
+    @classmethod
+    def can_implement(cls, g: LayerGeometry) -> tuple[bool, str | None]:
+        chosen, why = cls._choose(g)
+        return chosen is not None, why
+
+    def describe(self) -> str:
+        return self.kernel_class.__name__
+
+    def _packed_for_kernel(self, layer) -> PackedLinear:
+        return _packed_from_layer(layer, self.g.spec)
 
     def prepare(self, layer) -> None:
-        from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
-        from vllm.model_executor.layers.quantization.utils.quant_utils import pack_quantized_values_into_int32
-        from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
-        from vllm.scalar_type import scalar_types
+        from vllm.model_executor.parameter import (
+            ChannelQuantScaleParameter, GroupQuantScaleParameter, PackedvLLMParameter,
+        )
 
-        g, spec = self.g, self.g.spec
-        config = self._mp_config(g)
-        q = unpack_int_weights(layer.qweight.data, spec.bits)  # uint8 [K, N]
-        qweight4 = pack_int_weights(q, 4)  # int32 [K / 8, N]; 4-bit GPTQ order == this format at 4 bits
-        scales = layer.scales.data.to(g.act_dtype)  # [K / G, N]
-        zeros = None
-        if config.zero_points:
-            z = (layer.qzeros.data.to(torch.int32) if not spec.sym
-                 else torch.full(scales.shape, spec.sym_zero_point, dtype=torch.int32))
-            zeros = pack_quantized_values_into_int32(z, scalar_types.uint4, packed_dim=1)  # [K / G, N / 8]
+        from signround_vllm.layouts import to_compressed_tensors
+
+        packed = self._packed_for_kernel(layer)
+        ct = to_compressed_tensors(packed, self.g.act_dtype)
         _drop_packed_params(layer)
 
-        def noop_loader(*args, **kwargs):
+        def no_reload(*args, **kwargs):
             raise RuntimeError("repacked SignRound weights cannot be reloaded")
 
-        layer.register_parameter("wna16_qweight", PackedvLLMParameter(
-            data=qweight4, input_dim=0, output_dim=1, packed_dim=0, packed_factor=8, weight_loader=noop_loader))
-        layer.register_parameter("wna16_scales", GroupQuantScaleParameter(
-            data=scales, input_dim=0, output_dim=1, weight_loader=noop_loader))
-        if zeros is not None:
-            layer.register_parameter("wna16_qzeros", PackedvLLMParameter(
-                data=zeros, input_dim=0, output_dim=1, packed_dim=1, packed_factor=8, weight_loader=noop_loader))
-        self.kernel = CPUWNA16LinearKernel(config, w_q_param_name="wna16_qweight", w_s_param_name="wna16_scales",
-                                           w_zp_param_name="wna16_qzeros" if zeros is not None else None)
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            data=ct.weight_packed, input_dim=1, output_dim=0, packed_dim=1, packed_factor=ct.pack_factor,
+            weight_loader=no_reload))
+        scale_class = ChannelQuantScaleParameter if packed.spec.group_size == -1 else GroupQuantScaleParameter
+        scale_dims = dict(output_dim=0) if packed.spec.group_size == -1 else dict(output_dim=0, input_dim=1)
+        layer.register_parameter("weight_scale", scale_class(data=ct.weight_scale, weight_loader=no_reload,
+                                                             **scale_dims))
+        if ct.weight_zero_point is not None:
+            layer.register_parameter("weight_zero_point", PackedvLLMParameter(
+                data=ct.weight_zero_point, input_dim=1, output_dim=0, packed_dim=0, packed_factor=ct.pack_factor,
+                weight_loader=no_reload))
+        self.kernel = self.kernel_class(self._mp_config(self.g), w_q_param_name="weight_packed",
+                                        w_s_param_name="weight_scale",
+                                        w_zp_param_name="weight_zero_point" if ct.weight_zero_point is not None
+                                        else None)
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer, x, bias=None):
         return self.kernel.apply_weights(layer, x, bias)
+
+
+class VllmMixedPrecisionIn4Bits(VllmMixedPrecision):
+    """2- and 3-bit layers through vLLM's 4-bit kernels, their integers in 4-bit containers (exact; the
+    kernel reads 4 bits per weight)."""
+
+    name = "vllm_4bit"
+    container_bits = 4
+
+    @classmethod
+    def can_implement(cls, g: LayerGeometry) -> tuple[bool, str | None]:
+        if g.spec.bits >= 4:
+            return False, f"only 2- and 3-bit layers go into 4-bit containers (this one has {g.spec.bits} bits)"
+        return super().can_implement(g)
+
+    def _packed_for_kernel(self, layer) -> PackedLinear:
+        from signround_vllm.layouts import widen_to_4_bits
+
+        return widen_to_4_bits(_packed_from_layer(layer, self.g.spec))
 
 
 class DenseDequantized:
@@ -175,9 +220,13 @@ class DenseDequantized:
         return torch.nn.functional.linear(x, layer.dense_weight, bias)
 
 
-CANDIDATES = {cls.name: cls for cls in (TritonDequantGemm, CpuWna16, DenseDequantized)}
-# The order candidates are tried in, by device type; a forced candidate is tried alone.
-ORDER = {"cuda": ("triton", "dense"), "cpu": ("cpu_wna16", "dense")}
+CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, VllmMixedPrecisionIn4Bits,
+                                         DenseDequantized)}
+# The order candidates are tried in, by device type; a forced candidate is tried alone. On CUDA,
+# vLLM's kernels lead wherever one takes the layer's own width (published figures: Machete and Marlin
+# run 4-bit GEMMs near memory speed at small batches); ours takes the rest, including 2/3-bit layers
+# when Humming is absent, since it reads 2 or 3 bits per weight where containers read 4.
+ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("vllm", "vllm_4bit", "dense")}
 FORCE_SETTING = "SIGNROUND_KERNEL"
 _logged: set[tuple] = set()
 
@@ -202,6 +251,7 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
         cls = CANDIDATES[name]
         ok, why = cls.can_implement(g)
         if ok:
+            kernel = cls(g)
             key = (name, g.spec, tuple(reasons), forced)
             if key not in _logged:
                 _logged.add(key)
@@ -210,10 +260,11 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
                     logger.warning("SignRound %s layers (e.g. %s): no packed kernel fits, so weights are "
                                    "dequantized to %s at load (no memory saving). Reasons: %s",
                                    g.spec.short_name(), g.name, g.act_dtype, "; ".join(reasons))
-                else:
-                    logger.info("SignRound %s layers (e.g. %s) use kernel %r (%s)", g.spec.short_name(), g.name,
-                                name, how)
-            return cls(g)
+                    return kernel
+                underneath = f" = {kernel.describe()}" if hasattr(kernel, "describe") else ""
+                logger.info("SignRound %s layers (e.g. %s) use kernel '%s'%s (%s)", g.spec.short_name(), g.name,
+                            name, underneath, how)
+            return kernel
         reasons.append(f"{name}: {why}")
     forced_note = f" (forced by {FORCE_SETTING}={forced})" if forced else ""
     raise ValueError(f"{g.name}: no kernel can serve {g.spec.short_name()} with in_features={g.in_features}, "

@@ -183,7 +183,8 @@ class SignRoundLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param(name))
 
         geometry = LayerGeometry(name=self.prefix, spec=spec, in_features=k_local, out_features=out_local,
-                                 act_dtype=params_dtype, device=torch.get_default_device())
+                                 act_dtype=params_dtype, device=torch.get_default_device(),
+                                 full_in_features=input_size)
         self.kernel = choose_kernel(geometry, forced=self.forced_kernel)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -12,9 +12,15 @@ def geometry(bits, device="cpu", k=256, n=128, group_size=32, act_dtype=torch.bf
                                  in_features=k, out_features=n, act_dtype=act_dtype, device=torch.device(device))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cpu_uses_vllm_int4_kernel_up_to_4_bits(bits):
-    assert kernels.choose_kernel(geometry(bits)).name == "cpu_wna16"
+def test_cpu_4_bit_layers_use_vllms_int4_kernel():
+    kernel = kernels.choose_kernel(geometry(4))
+    assert kernel.name == "vllm" and kernel.describe() == "CPUWNA16LinearKernel"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_cpu_2_and_3_bit_layers_use_it_in_4_bit_containers(bits):
+    kernel = kernels.choose_kernel(geometry(bits))
+    assert kernel.name == "vllm_4bit" and kernel.describe() == "CPUWNA16LinearKernel"
 
 
 def test_cpu_8_bit_and_odd_sizes_fall_back_to_dense():
@@ -33,10 +39,10 @@ def test_every_ordered_name_is_a_candidate():
 
 def test_forcing_a_kernel_tries_only_it():
     assert kernels.choose_kernel(geometry(4), forced="dense").name == "dense"
-    with pytest.raises(ValueError) as e:  # 8 bits do not fit cpu_wna16, and forcing allows no fallback
-        kernels.choose_kernel(geometry(8), forced="cpu_wna16")
+    with pytest.raises(ValueError) as e:  # no vLLM CPU kernel takes 8 bits, and forcing allows no fallback
+        kernels.choose_kernel(geometry(8), forced="vllm")
     text = str(e.value)
-    assert "SIGNROUND_KERNEL=cpu_wna16" in text and "8-bit integers do not fit" in text and "dense" not in text
+    assert "SIGNROUND_KERNEL=vllm" in text and "no vLLM kernel takes uint8" in text and "dense:" not in text
 
 
 def test_forcing_an_unknown_kernel_names_the_choices():
@@ -46,8 +52,8 @@ def test_forcing_an_unknown_kernel_names_the_choices():
 
 def test_no_candidate_lists_every_reason():
     with pytest.raises(ValueError) as e:
-        kernels.choose_kernel(geometry(8, act_dtype=torch.float32), order=("cpu_wna16", "triton"))
+        kernels.choose_kernel(geometry(8, act_dtype=torch.float32), order=("vllm_4bit", "triton"))
     text = str(e.value)
     assert "model.layers.0.mlp.down_proj" in text and "W8G32asym" in text
-    assert "cpu_wna16: " in text and "triton: " in text
-    assert "8-bit integers do not fit" in text and "activation dtype torch.float32" in text
+    assert "vllm_4bit: " in text and "triton: " in text
+    assert "only 2- and 3-bit layers" in text and "activation dtype torch.float32" in text
