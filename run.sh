@@ -39,6 +39,9 @@ setup_venv() {
   mkdir -p "$ROOT/.cache/wheels"
   ls "$ROOT"/.cache/wheels/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
     $pip download -q --no-deps --only-binary=:all: gensim==4.4.0 -d "$ROOT/.cache/wheels"
+  # compressed-tensors >= 0.18 in a folder of its own (vLLM pins 0.17), for the export round-trip test.
+  [[ -d "$ROOT/.cache/compressed-tensors-0.20/compressed_tensors" ]] || \
+    $pip install -q --no-deps --target "$ROOT/.cache/compressed-tensors-0.20" compressed-tensors==0.20.1 loguru==0.7.3
   $pip install -q --no-deps -e "$ROOT"
   echo "$want" > "$STAMP"
   echo "[setup] done in $((SECONDS - t0)) s: $(du -sh "$VENV" | cut -f1) in $VENV"

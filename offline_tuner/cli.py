@@ -255,11 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_dequantize)
 
-    e = sub.add_parser("export", help="write a checkpoint's integers and scales as GPTQ or AWQ "
-                                      "for vLLM's built-in methods")
+    e = sub.add_parser("export", help="write a checkpoint's integers and scales as compressed-tensors, GPTQ "
+                                      "or AWQ for vLLM's built-in methods")
     e.add_argument("checkpoint")
-    e.add_argument("--format", required=True, choices=["gptq", "awq"],
-                   help="gptq: symmetric 4/8-bit, per-layer settings as `dynamic` rules; awq: 4-bit, one setting")
+    e.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "awq"],
+                   help="compressed-tensors: every setting (pack-quantized, per-layer settings as config groups); "
+                        "gptq: symmetric 4/8-bit, per-layer settings as `dynamic` rules; awq: 4-bit, one setting")
     e.add_argument("--out", required=True, help="output folder (written atomically)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     e.set_defaults(func=cmd_export)

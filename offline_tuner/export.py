@@ -1,4 +1,4 @@
-"""Export a SignRound checkpoint to the GPTQ or AWQ layout that vLLM's built-in methods load.
+"""Export a SignRound checkpoint to the compressed-tensors, GPTQ or AWQ layouts vLLM's built-in methods load.
 
 Nothing is requantized: the exported checkpoint holds the same integers ``q``, the
 same zero points and the same float16 scales as the SignRound checkpoint, only
@@ -33,7 +33,19 @@ AWQ (``quant_method: "awq"`` -> ``AutoAWQConfig`` in ``auto_awq.py``)
   - group sizes -1, 32, 64, 128 (Marlin on CUDA; the CPU path takes any even size).
   - on CPU ``AutoAWQMarlinLinearMethod`` repacks to the GPTQ order and uses ``CPUWNA16LinearKernel``.
 
-Scales may be negative (SignRound's symmetric full range): both formats only multiply by them.
+compressed-tensors (``quant_method: "compressed-tensors"``, ``format: "pack-quantized"`` ->
+``CompressedTensorsWNA16`` in ``compressed_tensors/schemes/compressed_tensors_wNa16.py``)
+  - 2 to 8 bits, symmetric (``uint{b}b{2^(b-1)}``) or asymmetric with zero points (``uint{b}``),
+    strategy ``group`` or ``channel``: every SignRound setting. Kernels on CUDA: Machete or Marlin at 4
+    and 8 bits, Humming at 2 and 3 bits (when installed); on CPU: CPUWNA16 at 4 bits only.
+  - per-layer settings as separate ``config_groups``: the most common setting targets ``Linear``, the
+    others list their modules as anchored ``re:`` targets (vLLM prefers a name match to a class match);
+    unquantized linear layers are listed in ``ignore``.
+  - the tensors are those of ``signround_vllm.layouts.to_compressed_tensors`` (dense bit streams, the
+    layout of compressed-tensors 0.18 and newer, which vLLM 0.32 declares), plus ``weight_shape``;
+    scales stay float16 (what the checkpoint holds), so decompression gives our weights bit for bit.
+
+Scales may be negative (SignRound's symmetric full range): every format only multiplies by them.
 
 Layouts written, for a layer with weight ``[N, K]``, ``b`` bits, group size ``G``:
 
@@ -60,6 +72,7 @@ from signround_vllm.checkpoint import (
     load_tensors, read_config, read_quant_config, split_packed_layers, write_model_folder,
 )
 from signround_vllm.format import LayerQuantSpec, PackedLinear, SignRoundConfig, unpack_int_weights
+from signround_vllm.layouts import to_compressed_tensors
 
 Progress = Callable[[str], None]
 
@@ -68,7 +81,9 @@ class ExportError(ValueError):
     """A SignRound checkpoint cannot be written in the requested export format."""
 
 
-FORMATS = ("gptq", "awq")
+COMPRESSED_TENSORS = "compressed-tensors"
+FORMATS = (COMPRESSED_TENSORS, "gptq", "awq")
+CT_LAYOUT_VERSION = "0.18.0"  # dense packing: the first compressed-tensors release with this layout
 VLLM = "vLLM 0.32"
 EXPORT_GROUP_SIZES = (-1, 32, 64, 128)  # marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
 GPTQ_BITS = (4, 8)  # AutoGPTQConfig.TYPE_MAP, symmetric only
@@ -192,8 +207,25 @@ def awq_layer_tensors(packed: PackedLinear, layer: str = "layer") -> dict[str, t
     }
 
 
-LAYER_EXPORTERS = {"gptq": gptq_layer_tensors, "awq": awq_layer_tensors}
-REFUSALS = {"gptq": gptq_refusal, "awq": awq_refusal}
+def compressed_tensors_refusal(spec: LayerQuantSpec, out_features: int) -> str | None:
+    """compressed-tensors' pack-quantized layout in vLLM 0.32 holds every SignRound setting."""
+    return None
+
+
+def compressed_tensors_layer_tensors(packed: PackedLinear, layer: str = "layer") -> dict[str, torch.Tensor]:
+    """pack-quantized tensors of one layer: weight_packed, weight_scale, weight_shape, weight_zero_point."""
+    ct = to_compressed_tensors(packed, torch.float16)
+    out = {"weight_packed": ct.weight_packed,  # int32 [N, K * b / 32]
+           "weight_scale": ct.weight_scale,  # float16 [N, K / G]
+           "weight_shape": torch.tensor([packed.out_features, packed.in_features], dtype=torch.int64)}
+    if ct.weight_zero_point is not None:
+        out["weight_zero_point"] = ct.weight_zero_point  # int32 [ceil(N * b / 32), K / G]
+    return out
+
+
+LAYER_EXPORTERS = {"gptq": gptq_layer_tensors, "awq": awq_layer_tensors,
+                   COMPRESSED_TENSORS: compressed_tensors_layer_tensors}
+REFUSALS = {"gptq": gptq_refusal, "awq": awq_refusal, COMPRESSED_TENSORS: compressed_tensors_refusal}
 
 
 # ----------------------------------------------------------------------------
@@ -316,9 +348,40 @@ def awq_quantization_config(layers: Mapping[str, PackedLinear], unquantized: lis
             "version": "gemm", "lm_head": LM_HEAD in layers, "modules_to_not_convert": skip}
 
 
+def compressed_tensors_weight_args(spec: LayerQuantSpec) -> dict:
+    """The `weights` quantization arguments of one config group."""
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.sym,
+            "strategy": "channel" if spec.group_size == -1 else "group",
+            "group_size": None if spec.group_size == -1 else spec.group_size,
+            "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+            "observer_kwargs": {}}
+
+
+def compressed_tensors_quantization_config(layers: Mapping[str, PackedLinear], unquantized: list[str],
+                                           default: LayerQuantSpec) -> dict:
+    """One config group per setting: the most common targets `Linear`, the others name their modules."""
+    specs = {name: p.spec for name, p in layers.items()}
+    counts = Counter(specs.values())
+    base = default if default in counts else max(counts, key=lambda s: (counts[s], s.short_name()))
+    ordered = [base] + sorted((s for s in counts if s != base), key=lambda s: s.short_name())
+    groups = {}
+    for i, spec in enumerate(ordered):
+        names = sorted(n for n, s in specs.items() if s == spec)
+        targets = ["Linear"] if spec == base else []
+        # lm_head is not a `Linear` to vLLM (ParallelLMHead): always named.
+        targets += [f"re:^{re.escape(n)}$" for n in names if spec != base or n == LM_HEAD]
+        groups[f"group_{i}"] = {"targets": targets, "weights": compressed_tensors_weight_args(spec),
+                                "input_activations": None, "output_activations": None,
+                                "format": "pack-quantized"}
+    return {"quant_method": COMPRESSED_TENSORS, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": groups, "ignore": sorted(set(unquantized) | ({LM_HEAD} - set(layers))),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None, "version": CT_LAYOUT_VERSION}
+
+
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str,
                       overwrite: bool = False, progress: Progress | None = None) -> Path:
-    """Write the SignRound checkpoint `ckpt_dir` as a GPTQ or AWQ model folder (atomically).
+    """Write the SignRound checkpoint `ckpt_dir` as a compressed-tensors, GPTQ or AWQ model folder (atomically).
 
     Raises ExportError when a layer's setting cannot be held by `fmt`, FileExistsError when
     `out_dir` exists and not `overwrite`, SignRoundFormatError for a broken checkpoint.
@@ -343,10 +406,15 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
         f"and {len(unquantized)} unquantized linear layers from {ckpt}")
 
     _refuse_layers(fmt, str(ckpt), layers)
-    states: dict[str, object] = {n: (p.spec if fmt == "gptq" else True) for n, p in layers.items()}
+    states: dict[str, object] = {n: (p.spec if fmt != "awq" else True) for n, p in layers.items()}
     states.update({n: None for n in unquantized})
-    _check_fused_agree(states, fmt, "settings" if fmt == "gptq" else "quantization (all or none)")
-    if fmt == "gptq":
+    _check_fused_agree(states, fmt, "settings" if fmt != "awq" else "quantization (all or none)")
+    if fmt == COMPRESSED_TENSORS:
+        qconfig = compressed_tensors_quantization_config(layers, unquantized, config.default)
+        if any(p.spec.bits != 4 for p in layers.values()):
+            say(f"note: {VLLM} serves compressed-tensors 2-, 3- and 8-bit layers with CUDA kernels only "
+                f"(Humming for 2/3 bits, Machete or Marlin for 8); its CPU kernel takes 4-bit")
+    elif fmt == "gptq":
         qconfig = gptq_quantization_config(layers, unquantized, config.default)
         if any(p.spec.bits == 8 for p in layers.values()):
             say(f"note: {VLLM} serves 8-bit GPTQ layers with CUDA kernels only; its CPU kernel takes 4-bit")
@@ -362,6 +430,6 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
             "source_quantization_config": config.to_dict()}
     written = write_model_folder(out, tensors, hf_config, source_dir=ckpt, overwrite=overwrite,
                                  extra_json={EXPORT_INFO_FILE: info})
-    say(f"wrote {fmt.upper()} checkpoint {written} ({len(layers)} layers; load it with vLLM's built-in "
+    say(f"wrote {fmt} checkpoint {written} ({len(layers)} layers; load it with vLLM's built-in "
         f"`{fmt}` method)")
     return written

@@ -1,6 +1,11 @@
-"""GPTQ / AWQ export: exact repacking (atol=0), refusals, and vLLM's built-in methods serving the result."""
+"""compressed-tensors / GPTQ / AWQ export: exact repacking (atol=0), refusals, and vLLM's built-in methods
+serving the result."""
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from offline_tuner.export import (
 from signround_vllm.checkpoint import load_tensors, read_config, write_model_folder
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, pack_linear
 
+ROOT = Path(__file__).resolve().parents[1]
 # The AWQ word slot (bits [4j, 4j + 4)) of each column n % 8: AWQ packs columns [0, 2, 4, 6, 1, 3, 5, 7].
 AWQ_SLOT_OF_COLUMN = [0, 4, 1, 5, 2, 6, 3, 7]
 
@@ -389,4 +395,84 @@ def test_awq_export_served_by_vllm_awq_matches_signround(tiny_model, tmp_path):
     awq = ("AutoAWQMarlinLinearMethod", "CPUWNA16LinearKernel")
     assert methods.pop("model.layers.0.mlp.down_proj") == ("UnquantizedLinearMethod", "NoneType")
     assert set(methods.values()) == {awq}, methods
+    assert_same_greedy_as(out, ckpt, out=served)
+
+
+# ----------------------------------------------------------------------------
+# compressed-tensors: exact layout, the package's own decompression, vLLM's own method
+# ----------------------------------------------------------------------------
+CT_PACKAGE = ROOT / ".cache" / "compressed-tensors-0.20"  # installed by ./run.sh setup, apart from vLLM's 0.17
+
+
+def test_compressed_tensors_checkpoint_holds_every_setting_exactly(tmp_path):
+    from tests.test_layouts import unpack_bit_streams
+
+    config = SignRoundConfig(
+        default=LayerQuantSpec(3, 32, False), modules_to_not_convert=("lm_head", "model.layers.1.mlp.down_proj"),
+        layer_overrides={**{f"model.layers.0.self_attn.{p}_proj": LayerQuantSpec(2, 64, True) for p in "qkv"},
+                         "model.layers.0.mlp.down_proj": LayerQuantSpec(8, -1, True),
+                         "model.layers.1.self_attn.o_proj": LayerQuantSpec(4, 32, False)})
+    ckpt, raw, _ = make_checkpoint(tmp_path / "ckpt", config)
+    out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
+    t = load_tensors(out)
+    for name, (q, scales, zeros, spec) in raw.items():
+        n, k = q.shape
+        assert torch.equal(unpack_bit_streams(t[f"{name}.weight_packed"], spec.bits, k), q), name
+        assert torch.equal(t[f"{name}.weight_scale"], scales), name
+        assert t[f"{name}.weight_shape"].tolist() == [n, k]
+        if zeros is None:
+            assert f"{name}.weight_zero_point" not in t
+        else:
+            assert torch.equal(unpack_bit_streams(t[f"{name}.weight_zero_point"].t(), spec.bits, n).t(), zeros)
+    qc = read_config(out)["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["ignore"] == ["lm_head", "model.layers.1.mlp.down_proj"]  # lm_head: never quantized by accident
+    groups = {(g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]): g["targets"]
+              for g in qc["config_groups"].values()}
+    assert groups[(3, 32, False)] == ["Linear"]
+    assert groups[(8, None, True)] == [r"re:^model\.layers\.0\.mlp\.down_proj$"]
+    assert len(groups[(2, 64, True)]) == 3 and len(groups) == 4
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, -1, True),
+                                  LayerQuantSpec(4, 32, True), LayerQuantSpec(8, 32, False)],
+                         ids=lambda s: s.short_name())
+def test_compressed_tensors_package_decompresses_our_weights_bit_for_bit(tmp_path, spec):
+    if not (CT_PACKAGE / "compressed_tensors").is_dir():
+        pytest.fail(f"{CT_PACKAGE} is missing: run ./run.sh setup")
+    config = SignRoundConfig(default=spec, modules_to_not_convert=("lm_head",),
+                             layer_overrides={"model.layers.1.self_attn.o_proj": LayerQuantSpec(4, 64, False)})
+    ckpt, raw, _ = make_checkpoint(tmp_path / "ckpt", config, seed=5)
+    out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CT_PACKAGE), str(ROOT)]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ct_roundtrip.py"), str(out), str(ckpt)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROUNDTRIP=")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    report = json.loads(lines[0][len("ROUNDTRIP="):])
+    assert tuple(int(v) for v in report["version"].split(".")[:2]) >= (0, 18), report["version"]
+    assert set(report["layers"]) == set(raw)
+    for name, layer in report["layers"].items():
+        expected = config.spec_for(name)
+        assert layer["equal"] and layer["dtype"] == "torch.float16", (name, layer)
+        assert (layer["bits"], layer["symmetric"]) == (expected.bits, expected.sym), (name, layer)
+        assert layer["group_size"] == (None if expected.group_size == -1 else expected.group_size), (name, layer)
+
+
+@pytest.mark.slow
+def test_compressed_tensors_export_served_by_vllm_matches_signround(tiny_model, tmp_path):
+    from offline_tuner.quantize import quantize_checkpoint
+    from tests.test_vllm_plugin import assert_same_greedy_as
+
+    config = SignRoundConfig(
+        default=LayerQuantSpec(4, 32, False), modules_to_not_convert=("lm_head", "model.layers.1.mlp.down_proj"),
+        layer_overrides={**{f"model.layers.0.self_attn.{p}_proj": LayerQuantSpec(4, 64, True) for p in "qkv"},
+                         "model.layers.0.mlp.down_proj": LayerQuantSpec(4, -1, True)})
+    ckpt = tmp_path / "signround"
+    quantize_checkpoint(tiny_model, ckpt, config)
+    out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
+    methods, served = served_with_methods(out)
+    ct = ("CompressedTensorsLinearMethod", "NoneType")
+    assert methods.pop("model.layers.1.mlp.down_proj") == ("UnquantizedLinearMethod", "NoneType")
+    assert set(methods.values()) == {ct}, methods
     assert_same_greedy_as(out, ckpt, out=served)
