@@ -315,7 +315,7 @@ def test_shards_of_a_fused_layer_must_agree(tmp_path):
 
 def test_unknown_format_existing_output_and_overwrite(tmp_path):
     ckpt, _, _ = make_checkpoint(tmp_path / "ckpt", SignRoundConfig(default=LayerQuantSpec(4, 32, True)), layers=1)
-    with pytest.raises(ExportError, match=r"'exl2' is not supported; choose one of \['gptq', 'awq'\]"):
+    with pytest.raises(ExportError, match=r"'exl2' is not supported; choose one of \['compressed-tensors', 'gptq', 'awq'\]"):
         export_checkpoint(ckpt, tmp_path / "out", "exl2")
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
