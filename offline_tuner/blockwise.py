@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+
 
 import torch
 
@@ -32,9 +32,8 @@ from offline_tuner.model_source import ModelSource, release
 from offline_tuner.plan import QuantPlan
 from offline_tuner.signround import BlockResult, TuneSettings, block_integers, tune_block, use_bf16_autocast
 from offline_tuner.streams import ActivationStreams, default_stream_budget_bytes, run_block_in_place
+from offline_tuner.events import Event, EventSink, Progress
 
-Progress = Callable[[str], None]
-IterationProgress = Callable[[int, int, int, float], None]  # block, iteration, iterations, loss
 
 
 @dataclasses.dataclass
@@ -87,12 +86,13 @@ class WorkFolder:
 def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings,
                 writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, device: torch.device,
                 stream_budget_bytes: int | None = None, progress: Progress | None = None,
-                iteration_progress: IterationProgress | None = None) -> tuple[list[BlockLog], str]:
+                events: EventSink | None = None) -> tuple[list[BlockLog], str]:
     """Tune, pack and write every block. Returns the block logs and where the activation streams were kept.
 
     Blocks finished by an earlier run (work.done_blocks) are replayed from the packed tensors it wrote.
     The streams stay in memory up to stream_budget_bytes (None: a quarter of the machine's memory) and
-    are memory-mapped files in the work folder beyond it.
+    are memory-mapped files in the work folder beyond it. `events` receives `iteration` and `block_done`
+    events (see offline_tuner.events).
     """
     blocks = plan.blocks
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
@@ -115,7 +115,7 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
             progress(f"resuming after block {work.done_blocks}/{len(blocks)} from {work.path}")
     try:
         _tune_each_block(model, source, plan, settings, writer, work, memory, device, streams, calls, autocast,
-                         progress, iteration_progress)
+                         progress, events)
     finally:
         described = streams.describe()
         streams.close()
@@ -123,7 +123,7 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
 
 
 def _tune_each_block(model, source, plan, settings, writer, work, memory, device, streams, calls, autocast,
-                     progress, iteration_progress) -> None:
+                     progress, events) -> None:
     blocks = plan.blocks
     for i in range(len(blocks)):
         block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
@@ -141,8 +141,9 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
             def on_iter(it, loss, _i=i):
                 if it == 0 or it + 1 == settings.iters:
                     memory.sample()
-                if iteration_progress:
-                    iteration_progress(_i, it, settings.iters, loss)
+                if events:
+                    events(Event("iteration", {"block": _i, "n_blocks": len(blocks), "iteration": it,
+                                               "iters": settings.iters, "loss": loss}))
 
             specs = {n: lp.spec for n, lp in layer_plans.items()}
             result: BlockResult = tune_block(block, linears, specs, streams.q, streams.fp, kwargs, settings,
@@ -157,6 +158,9 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
                            fell_back_to_rtn=result.fell_back_to_rtn)
             del result
             work.block_done(log)
+            if events:
+                events(Event("block_done", {**dataclasses.asdict(log), "n_blocks": len(blocks),
+                                            "peak_anon_bytes": memory.report()["peak_anon_bytes"]}))
             if progress:
                 change = (1 - log.tuned_loss / log.rtn_loss) * 100 if log.rtn_loss > 0 else 0.0
                 note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""

@@ -134,26 +134,41 @@ def tuning_from_args(args):
     return tune, calib
 
 
-class IterationBar:
-    """One line per block, redrawn in place on a terminal; a few lines per block otherwise."""
+class ProgressDisplay:
+    """Shows the tuner's events: a tqdm bar per block on a terminal, a few plain log lines otherwise."""
 
-    def __init__(self, n_blocks: int):
-        self.n_blocks = n_blocks
+    def __init__(self):
         self.tty = sys.stderr.isatty()
+        self.bar = None
         self.t0 = time.perf_counter()
 
-    def __call__(self, block: int, it: int, iters: int, loss: float) -> None:
-        done = it + 1
+    def __call__(self, event) -> None:
+        if event.kind != "iteration":
+            if event.kind == "block_done" and self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            return
+        d = event.data
+        done, iters = d["iteration"] + 1, d["iters"]
         if self.tty:
-            filled = int(30 * done / iters)
-            sys.stderr.write(f"\r  block {block + 1}/{self.n_blocks} [{'#' * filled}{'.' * (30 - filled)}] "
-                             f"{done}/{iters} loss {loss:.3e}  ")
-            if done == iters:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=iters, desc=f"block {d['block'] + 1}/{d['n_blocks']}", unit="it",
+                                leave=False, dynamic_ncols=True)
+            self.bar.set_postfix_str(f"loss {d['loss']:.3e}", refresh=False)
+            self.bar.update(1)
         elif done in (1, iters) or done % max(1, iters // 4) == 0:
-            log(f"  block {block + 1}/{self.n_blocks} iteration {done}/{iters} loss {loss:.3e} "
+            log(f"  block {d['block'] + 1}/{d['n_blocks']} iteration {done}/{iters} loss {d['loss']:.3e} "
                 f"({time.perf_counter() - self.t0:.0f} s elapsed)")
+
+
+def event_sinks(args):
+    """The CLI's event sinks: the progress display, and the --log-json file if asked for."""
+    from offline_tuner.events import JsonLinesLog, fan_out
+
+    json_log = JsonLinesLog(args.log_json) if getattr(args, "log_json", None) else None
+    return fan_out(ProgressDisplay(), json_log), json_log
 
 
 def cmd_quantize(args) -> int:
@@ -164,23 +179,20 @@ def cmd_quantize(args) -> int:
     model = resolve_model(args.model)
     method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
     log(f"quantizing {model} -> {args.out} ({config.default.short_name()}, {method})")
-    n_blocks = _count_blocks(model)
-    result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib, overwrite=args.overwrite,
-                                 resume=args.resume, progress=log, iteration_progress=IterationBar(n_blocks),
-                                 max_shard_bytes=args.max_shard_size, device=args.device,
-                                 stream_budget_bytes=args.max_memory)
+    events, json_log = event_sinks(args)
+    try:
+        result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib,
+                                     overwrite=args.overwrite, resume=args.resume, progress=log, events=events,
+                                     max_shard_bytes=args.max_shard_size, device=args.device,
+                                     stream_budget_bytes=args.max_memory)
+    finally:
+        if json_log:
+            json_log.close()
     run_log = result.run_log
     log(f"wrote {result.out_dir} ({result.layers} layers, {run_log['shards']} weight file(s), {result.seconds:.1f} s, "
         f"peak memory {run_log['peak_anon_bytes'] / 2**30:.2f} GiB anonymous, "
         f"{run_log['peak_rss_bytes'] / 2**30:.2f} GiB resident with mapped files)")
     return 0
-
-
-def _count_blocks(model_dir) -> int:
-    try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("num_hidden_layers", 0))
-    except (OSError, ValueError):
-        return 0
 
 
 def cmd_dequantize(args) -> int:
@@ -219,7 +231,7 @@ def cmd_demo(args) -> int:
     tune, calib = tuning_from_args(args)
     return run_demo(config_from_args(args), tune=tune, calibration=calib,
                     eval_windows=args.eval_windows, eval_seq_len=args.eval_seq_len, progress=log,
-                    iteration_progress=IterationBar(30))
+                    events=ProgressDisplay())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last finished block (same settings and seed)")
+    q.add_argument("--log-json", metavar="FILE",
+                   help="append one JSON object per event to FILE (run_started, iteration, block_done with losses, "
+                        "seconds and peak memory, run_finished), for scripts")
     add_quant_args(q)
     q.set_defaults(func=cmd_quantize)
 

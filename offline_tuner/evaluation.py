@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from offline_tuner.events import Progress
 
-Progress = Callable[[str], None]
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -73,8 +73,8 @@ from signround_vllm.checkpoint import (
 )
 from signround_vllm.format import LayerQuantSpec, PackedLinear, SignRoundConfig, unpack_int_weights
 from signround_vllm.layouts import to_compressed_tensors
+from offline_tuner.events import Progress
 
-Progress = Callable[[str], None]
 
 
 class ExportError(ValueError):

@@ -27,8 +27,9 @@ from offline_tuner.model_source import ModelSource, open_model, tied_parameter_n
 from offline_tuner.plan import QuantPlan, resolve_plan
 from offline_tuner.quant_core import round_to_nearest_in_row_chunks
 from offline_tuner.signround import TuneSettings
+from offline_tuner.events import Event, EventSink, Progress
+from offline_tuner.model_card import CARD_FILE, model_card
 
-Progress = Callable[[str], None]
 
 
 def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "auto"):
@@ -150,7 +151,7 @@ def calibration_windows(model_dir, calibration: Calibration, seed: int) -> torch
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: SignRoundConfig,
                         tune: TuneSettings | None = None, calibration: Calibration | None = None,
                         overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
-                        iteration_progress=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        events: EventSink | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         device: str | torch.device | None = None,
                         stream_budget_bytes: int | None = None) -> QuantizeResult:
     """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
@@ -176,6 +177,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     layout = output_layout(model, plan, source.dtype_of)
     run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if events:
+        events(Event("run_started", {"model": str(model_dir), "out_dir": str(out), "quantization": config.to_dict(),
+                                     "settings": dataclasses.asdict(tune) if tuning else {"iters": 0},
+                                     "layers": len(plan.layers), "blocks": len(plan.blocks) if plan.blocks else 0}))
     run_key = {"config": config.to_dict(), "max_shard_bytes": max_shard_bytes,
                "layout": [[e.name, str(e.dtype), list(e.shape)] for e in layout]}
     if tuning:
@@ -190,8 +195,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     try:
         if tuning:
             block_logs, streams = tune_blocks(model, source, windows, plan, tune, writer, work, memory, device,
-                                              stream_budget_bytes, progress=progress,
-                                              iteration_progress=iteration_progress)
+                                              stream_budget_bytes, progress=progress, events=events)
             config = dataclasses.replace(config, tuner={
                 "method": "signround", **dataclasses.asdict(tune), "n_samples": calibration.n_samples,
                 "seq_len": calibration.seq_len, "calibration": calibration.text_file or "wikipedia"})
@@ -213,8 +217,12 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     run_log.update(seconds=round(seconds, 2), **memory.report(), shards=len(writer.files), tuner=config.tuner)
     write_folder_files(work.path, hf_config_with_quantization(source.hf_config, config), source_dir=source.path,
                        extra_json={RUN_LOG_FILE: run_log})
+    (work.path / CARD_FILE).write_text(model_card(str(model_dir), config, plan.layers, run_log, RUN_LOG_FILE))
     (work.path / WorkFolder.STATE).unlink()
     commit_folder(work.path, out, overwrite)
+    if events:
+        events(Event("run_finished", {"out_dir": str(out), "seconds": round(seconds, 2), "layers": len(plan.layers),
+                                      "shards": len(writer.files), **memory.report()}))
     return QuantizeResult(out_dir=out, seconds=seconds, layers=len(plan.layers), run_log=run_log)
 
 

@@ -24,8 +24,8 @@ from typing import Callable, Literal
 import torch
 
 from offline_tuner.default_model import cache_root
+from offline_tuner.events import Progress
 
-Progress = Callable[[str], None]
 Split = Literal["calibration", "evaluation"]
 
 GENSIM_REQUIREMENT = "gensim==4.4.0"

@@ -56,8 +56,9 @@ def test_bad_loss_in_one_block_falls_back_to_rounding(tiny_and_text, tmp_path, m
             out = {k: v * float("nan") if fault == "nan" else v * 50.0 for k, v in out.items()}
         return out
 
-    def switch_on(block, it, iters, loss):
-        poisoned["on"] = poisoned["on"] or (block == 1 and it == 2)
+    def switch_on(event):
+        if event.kind == "iteration":
+            poisoned["on"] = poisoned["on"] or (event.data["block"] == 1 and event.data["iteration"] == 2)
 
     def log_and_switch_off(message):
         messages.append(message)
@@ -67,7 +68,7 @@ def test_bad_loss_in_one_block_falls_back_to_rounding(tiny_and_text, tmp_path, m
     monkeypatch.setattr(signround_core, "quantized_weights", poisoning)
     messages = []
     result = quantize_checkpoint(model, tmp_path / "tuned", CONFIG, tune=tune, calibration=calib,
-                                 progress=log_and_switch_off, iteration_progress=switch_on)
+                                 progress=log_and_switch_off, events=switch_on)
 
     blocks = {b["block"]: b for b in result.run_log["blocks"]}
     assert blocks[1]["fell_back_to_rtn"] and not blocks[0]["fell_back_to_rtn"] and not blocks[2]["fell_back_to_rtn"]

@@ -1,5 +1,6 @@
 """SignRound tuner: exact at zero iterations, better than rounding on real activations, resumable."""
 import json
+import re
 
 import pytest
 import torch
@@ -97,13 +98,13 @@ def test_two_block_model_tunes_serves_and_resumes_identically(tmp_path):
     assert all(b["tuned_loss"] <= b["rtn_loss"] for b in log["blocks"])
     assert whole.run_log["tuner"]["method"] == "signround"
 
-    def interrupt_in_block_1(block, it, iters, loss):
-        if block == 1 and it == 3:
+    def interrupt_in_block_1(event):
+        if event.kind == "iteration" and event.data["block"] == 1 and event.data["iteration"] == 3:
             raise Interrupt
 
     with pytest.raises(Interrupt):
         quantize_checkpoint(model_dir, tmp_path / "resumed", config, tune=tune, calibration=calib,
-                            iteration_progress=interrupt_in_block_1)
+                            events=interrupt_in_block_1)
     assert not (tmp_path / "resumed").exists()  # nothing half-written
     with pytest.raises(TunerInputError, match="other settings"):
         quantize_checkpoint(model_dir, tmp_path / "resumed", config, tune=TuneSettings(iters=9, batch_size=2, seed=3),
@@ -149,3 +150,42 @@ def test_bf16_streams_tune_and_are_recorded(tiny_with_text, tmp_path):
     assert all(b["tuned_loss"] <= b["rtn_loss"] for b in result.run_log["blocks"])
     with pytest.raises(ValueError, match="stream_dtype='fp8'"):
         TuneSettings(stream_dtype="fp8")
+
+
+def test_cli_log_json_has_one_event_per_line_and_no_bar_off_a_terminal(tiny_with_text, tmp_path, capsys):
+    from offline_tuner.cli import main as cli_main
+
+    model_dir, text = tiny_with_text
+    events_file = tmp_path / "events.jsonl"
+    code = cli_main(["quantize", str(model_dir), "--out", str(tmp_path / "ckpt"), "--bits", "4", "--group-size", "32",
+                     "--iters", "4", "--n-samples", "4", "--seq-len", "32", "--batch-size", "2",
+                     "--calibration", str(text), "--log-json", str(events_file)])
+    assert code == 0
+    records = [json.loads(line) for line in events_file.read_text().splitlines()]
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    assert kinds.count("iteration") == 3 * 4 and kinds.count("block_done") == 3
+    done = [r for r in records if r["event"] == "block_done"]
+    assert [r["block"] for r in done] == [0, 1, 2] and all(r["n_blocks"] == 3 for r in done)
+    assert all(r["tuned_loss"] <= r["rtn_loss"] and r["seconds"] > 0 and r["peak_anon_bytes"] > 0 for r in done)
+    assert records[-1]["out_dir"] == str(tmp_path / "ckpt") and records[-1]["peak_anon_bytes"] > 0
+    assert all(isinstance(r["time"], float) for r in records)
+    out = capsys.readouterr()
+    assert "\r" not in out.err and "it/s" not in out.err  # no progress bar when stderr is not a terminal
+    assert "iteration 4/4" in out.out  # plain log lines instead
+
+
+def test_checkpoint_has_a_model_card_and_run_log(tiny_with_text, tmp_path):
+    model_dir, text = tiny_with_text
+    config = SignRoundConfig(default=LayerQuantSpec(4, 32, False),
+                             layer_overrides={"model.layers.0.mlp.down_proj": LayerQuantSpec(8, 32, True)})
+    out = quantize_checkpoint(model_dir, tmp_path / "ckpt", config, tune=TuneSettings(iters=2, batch_size=2),
+                              calibration=Calibration(4, 32, str(text))).out_dir
+    card = (out / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert f"base_model: {model_dir.name}" in front and "library_name: vllm" in front and "- signround" in front
+    assert "W4G32asym: 20" in body and "W8G32sym: 1" in body  # 3 blocks x 7 layers, one overridden
+    bits = re.search(r"bits per quantized weight \| ([0-9.]+)", body).group(1)
+    assert 4.75 < float(bits) < 5.5  # 4 + 24/32 bits for most weights (scale, zero per group), one 8.5-bit layer
+    assert "4 x 32 tokens" in body and "vllm serve" in body and "signround_run.json" in body
+    assert json.loads((out / "signround_run.json").read_text())["blocks"]
