@@ -360,42 +360,40 @@ def tiny_model(tmp_path_factory):
                            intermediate=256, heads=4, kv_heads=2, vocab_size=512)
 
 
-@pytest.mark.slow
-def test_gptq_export_served_by_vllm_gptq_matches_signround(tiny_model, tmp_path):
+def assert_export_served_like_signround(model_dir, tmp_path, fmt: str, config: SignRoundConfig,
+                                        method: tuple[str, str], unquantized: str) -> None:
+    """Quantize, export as `fmt`, serve with vLLM's own method: every quantized layer uses `method`,
+    `unquantized` stays dense, and the greedy tokens are those of the SignRound checkpoint."""
     from offline_tuner.quantize import quantize_checkpoint
     from tests.test_vllm_plugin import assert_same_greedy_as
 
+    ckpt = tmp_path / "signround"
+    quantize_checkpoint(model_dir, ckpt, config)
+    out = export_checkpoint(ckpt, tmp_path / fmt, fmt)
+    methods, served = served_with_methods(out)
+    assert methods.pop(unquantized) == ("UnquantizedLinearMethod", "NoneType")
+    assert set(methods.values()) == {method}, methods
+    assert_same_greedy_as(out, ckpt, out=served)
+
+
+@pytest.mark.slow
+def test_gptq_export_served_by_vllm_gptq_matches_signround(tiny_model, tmp_path):
     config = SignRoundConfig(
         default=LayerQuantSpec(4, 32, True), modules_to_not_convert=("lm_head", "model.layers.1.mlp.down_proj"),
         layer_overrides={**{f"model.layers.0.self_attn.{p}_proj": LayerQuantSpec(4, 64, True) for p in "qkv"},
                          "model.layers.0.mlp.down_proj": LayerQuantSpec(4, -1, True)})
-    ckpt = tmp_path / "signround"
-    quantize_checkpoint(tiny_model, ckpt, config)
-    out = export_checkpoint(ckpt, tmp_path / "gptq", "gptq")
-    methods, served = served_with_methods(out)
-    gptq = ("AutoGPTQLinearMethod", "CPUWNA16LinearKernel")
-    assert methods.pop("model.layers.1.mlp.down_proj") == ("UnquantizedLinearMethod", "NoneType")
-    assert set(methods.values()) == {gptq}, methods
-    assert_same_greedy_as(out, ckpt, out=served)
+    assert_export_served_like_signround(tiny_model, tmp_path, "gptq", config,
+                                        ("AutoGPTQLinearMethod", "CPUWNA16LinearKernel"), "model.layers.1.mlp.down_proj")
 
 
 @pytest.mark.slow
 def test_awq_export_served_by_vllm_awq_matches_signround(tiny_model, tmp_path):
-    from offline_tuner.quantize import quantize_checkpoint
-    from tests.test_vllm_plugin import assert_same_greedy_as
-
     config = SignRoundConfig(
         default=LayerQuantSpec(4, 32, False), modules_to_not_convert=("lm_head", "model.layers.0.mlp.down_proj"),
         layer_overrides={"model.layers.0.self_attn.o_proj": LayerQuantSpec(4, 32, True),
                          **{f"model.layers.1.mlp.{p}_proj": LayerQuantSpec(4, 32, True) for p in ("gate", "up")}})
-    ckpt = tmp_path / "signround"
-    quantize_checkpoint(tiny_model, ckpt, config)
-    out = export_checkpoint(ckpt, tmp_path / "awq", "awq")
-    methods, served = served_with_methods(out)
-    awq = ("AutoAWQMarlinLinearMethod", "CPUWNA16LinearKernel")
-    assert methods.pop("model.layers.0.mlp.down_proj") == ("UnquantizedLinearMethod", "NoneType")
-    assert set(methods.values()) == {awq}, methods
-    assert_same_greedy_as(out, ckpt, out=served)
+    assert_export_served_like_signround(tiny_model, tmp_path, "awq", config,
+                                        ("AutoAWQMarlinLinearMethod", "CPUWNA16LinearKernel"), "model.layers.0.mlp.down_proj")
 
 
 # ----------------------------------------------------------------------------
@@ -461,18 +459,9 @@ def test_compressed_tensors_package_decompresses_our_weights_bit_for_bit(tmp_pat
 
 @pytest.mark.slow
 def test_compressed_tensors_export_served_by_vllm_matches_signround(tiny_model, tmp_path):
-    from offline_tuner.quantize import quantize_checkpoint
-    from tests.test_vllm_plugin import assert_same_greedy_as
-
     config = SignRoundConfig(
         default=LayerQuantSpec(4, 32, False), modules_to_not_convert=("lm_head", "model.layers.1.mlp.down_proj"),
         layer_overrides={**{f"model.layers.0.self_attn.{p}_proj": LayerQuantSpec(4, 64, True) for p in "qkv"},
                          "model.layers.0.mlp.down_proj": LayerQuantSpec(4, -1, True)})
-    ckpt = tmp_path / "signround"
-    quantize_checkpoint(tiny_model, ckpt, config)
-    out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
-    methods, served = served_with_methods(out)
-    ct = ("CompressedTensorsLinearMethod", "NoneType")
-    assert methods.pop("model.layers.1.mlp.down_proj") == ("UnquantizedLinearMethod", "NoneType")
-    assert set(methods.values()) == {ct}, methods
-    assert_same_greedy_as(out, ckpt, out=served)
+    assert_export_served_like_signround(tiny_model, tmp_path, "compressed-tensors", config,
+                                        ("CompressedTensorsLinearMethod", "NoneType"), "model.layers.1.mlp.down_proj")
