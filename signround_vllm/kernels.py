@@ -12,10 +12,7 @@ import dataclasses
 
 import torch
 
-from signround_vllm.format import (
-    QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, dequantize_packed, pack_int_weights,
-    unpack_int_weights,
-)
+from signround_vllm.format import QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, dequantize_packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,8 @@ class TritonDequantGemm:
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
-        self.group_size = geometry.spec.effective_group_size(geometry.in_features)
+        group = geometry.spec.group_size
+        self.group_size = -1 if group in (-1, geometry.in_features) else group  # -1: one group spans K
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
