@@ -465,3 +465,27 @@ def test_compressed_tensors_export_served_by_vllm_matches_signround(tiny_model, 
                          "model.layers.0.mlp.down_proj": LayerQuantSpec(4, -1, True)})
     assert_export_served_like_signround(tiny_model, tmp_path, "compressed-tensors", config,
                                         ("CompressedTensorsLinearMethod", "NoneType"), "model.layers.1.mlp.down_proj")
+
+
+@pytest.mark.slow
+def test_vllm_loads_2_3_and_8_bit_compressed_tensors_exports(tiny_model, tmp_path):
+    """vLLM's own compressed-tensors loader takes the 2/3/8-bit tensors (a stand-in kernel replaces the
+    CUDA-only ones): the served tokens are the SignRound checkpoint's."""
+    from offline_tuner.quantize import quantize_checkpoint
+    from tests.test_vllm_plugin import MAX_TOKENS, PROMPTS, assert_same_greedy_as
+
+    config = SignRoundConfig(
+        default=LayerQuantSpec(3, 32, False),
+        layer_overrides={**{f"model.layers.0.self_attn.{p}_proj": LayerQuantSpec(2, 64, True) for p in "qkv"},
+                         "model.layers.1.mlp.down_proj": LayerQuantSpec(8, -1, False)})
+    ckpt = tmp_path / "signround"
+    quantize_checkpoint(tiny_model, ckpt, config)
+    out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ct_served_by_stub_kernel.py"), str(out),
+                           json.dumps(PROMPTS), str(MAX_TOKENS)], env=env, capture_output=True, text=True, timeout=600)
+    found = {key: json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines()
+             for key in ("KERNELS", "TOKENS") if line.startswith(key + "=")}
+    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-4000:]
+    assert found["KERNELS"] == ["uint2b2", "uint3", "uint8"], found["KERNELS"]
+    assert_same_greedy_as(out, ckpt, out=found["TOKENS"])
