@@ -147,7 +147,7 @@ def check_correctness(device: str, tiny: bool) -> tuple[list[str], list[str]]:
 
     import signround_triton.ops  # noqa: F401  registers torch.ops.signround.dequant_gemm
     from benchmarks.kernel_bench import random_layer
-    from signround_triton.dequant_gemm import default_config, dequant_gemm, tuned_config
+    from signround_triton.dequant_gemm import default_config, dequant_gemm, kernel_group_size, tuned_config
     from signround_triton.reference import reference_linear
 
     lines = ["| layer | dtype | M x K x N | max err / max ref (operator) | checked entry | config |",
@@ -161,7 +161,6 @@ def check_correctness(device: str, tiny: bool) -> tuple[list[str], list[str]]:
         bias = torch.randn(n, generator=gen, device=device).to(dtype) if (group == 64 and not autotuned) else None
         config = None if autotuned or device == "cpu" else default_config(m, k)
         label = f"W{bits}G{group}{'sym' if sym else 'asym'}"
-        effective_group = -1 if group in (-1, k) else group
         errors = {}
         try:
             ref = reference_linear(x, packed, bias)
@@ -169,7 +168,8 @@ def check_correctness(device: str, tiny: bool) -> tuple[list[str], list[str]]:
                                                      bias, config=config)}
             if config is None:  # the operator takes no forced configuration: autotuned (or interpreted) only
                 outputs["operator"] = torch.ops.signround.dequant_gemm(x, packed.qweight, packed.scales,
-                                                                       packed.qzeros, bias, bits, effective_group)
+                                                                       packed.qzeros, bias, bits,
+                                                                       kernel_group_size(group, k))
             for what, y in outputs.items():
                 finite = bool(torch.isfinite(y).all())
                 errors[what] = ((y.float() - ref).abs().max() / ref.abs().max()).item() if finite else float("nan")

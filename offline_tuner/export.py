@@ -165,13 +165,6 @@ def awq_refusal(spec: LayerQuantSpec, out_features: int) -> str | None:
     return None
 
 
-def _zero_points(packed: PackedLinear) -> torch.Tensor:
-    """Zero points [K // G, N] as int64, the implied 2^(bits-1) for symmetric layers."""
-    if packed.qzeros is None:
-        return torch.full(tuple(packed.scales.shape), packed.spec.sym_zero_point, dtype=torch.int64)
-    return packed.qzeros.to(torch.int64)
-
-
 # ----------------------------------------------------------------------------
 # One layer
 # ----------------------------------------------------------------------------
@@ -184,7 +177,7 @@ def gptq_layer_tensors(packed: PackedLinear, layer: str = "layer") -> dict[str, 
     k = packed.in_features
     g = spec.effective_group_size(k)
     q = unpack_int_weights(packed.qweight, spec.bits)  # [K, N], uint8
-    zeros_v1 = _zero_points(packed) - 1  # v1 convention: stored minus one
+    zeros_v1 = packed.zero_points().to(torch.int64) - 1  # v1 convention: stored minus one
     return {
         "qweight": pack_rows(q, spec.bits),  # int32 [K // p, N]
         "qzeros": pack_cols(zeros_v1, spec.bits),  # int32 [K // G, N // p]
@@ -202,7 +195,7 @@ def awq_layer_tensors(packed: PackedLinear, layer: str = "layer") -> dict[str, t
     q = unpack_int_weights(packed.qweight, spec.bits)  # [K, N], uint8
     return {
         "qweight": pack_cols(q, spec.bits, AWQ_PACK_ORDER),  # int32 [K, N // 8]
-        "qzeros": pack_cols(_zero_points(packed), spec.bits, AWQ_PACK_ORDER),  # int32 [K // G, N // 8]
+        "qzeros": pack_cols(packed.zero_points(), spec.bits, AWQ_PACK_ORDER),  # int32 [K // G, N // 8]
         "scales": packed.scales.to(torch.float16).contiguous(),  # [K // G, N]
     }
 

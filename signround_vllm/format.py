@@ -297,6 +297,13 @@ class PackedLinear:
             d[f"{prefix}.{QZEROS}"] = self.qzeros
         return d
 
+    def zero_points(self) -> torch.Tensor:
+        """uint8 [K // G, N]: the stored zero points, or the implied 2^(bits-1) of a symmetric layer."""
+        if self.qzeros is not None:
+            return self.qzeros
+        return torch.full(tuple(self.scales.shape), self.spec.sym_zero_point, dtype=ZERO_DTYPE,
+                          device=self.scales.device)
+
     def validate(self, layer: str = "layer") -> None:
         k, n = self.in_features, self.out_features
         found = {QWEIGHT: self.qweight, SCALES: self.scales}

@@ -48,9 +48,10 @@ class TritonDequantGemm:
     name = "triton"
 
     def __init__(self, geometry: LayerGeometry):
+        from signround_triton.dequant_gemm import kernel_group_size
+
         self.g = geometry
-        group = geometry.spec.group_size
-        self.group_size = -1 if group in (-1, geometry.in_features) else group  # -1: one group spans K
+        self.group_size = kernel_group_size(geometry.spec.group_size, geometry.in_features)
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
@@ -253,15 +254,15 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
             key = (name, g.spec, tuple(reasons), forced)
             if key not in _logged:
                 _logged.add(key)
-                how = f"forced by {FORCE_SETTING}={forced}" if forced else "chosen"
                 if cls is DenseDequantized and not forced:
                     logger.warning("SignRound %s layers (e.g. %s): no packed kernel fits, so weights are "
                                    "dequantized to %s at load (no memory saving). Reasons: %s",
                                    g.spec.short_name(), g.name, g.act_dtype, "; ".join(reasons))
-                    return kernel
-                underneath = f" = {kernel.describe()}" if hasattr(kernel, "describe") else ""
-                logger.info("SignRound %s layers (e.g. %s) use kernel '%s'%s (%s)", g.spec.short_name(), g.name,
-                            name, underneath, how)
+                else:
+                    how = f"forced by {FORCE_SETTING}={forced}" if forced else "chosen"
+                    underneath = f" = {kernel.describe()}" if hasattr(kernel, "describe") else ""
+                    logger.info("SignRound %s layers (e.g. %s) use kernel '%s'%s (%s)", g.spec.short_name(),
+                                g.name, name, underneath, how)
             return kernel
         reasons.append(f"{name}: {why}")
     forced_note = f" (forced by {FORCE_SETTING}={forced})" if forced else ""

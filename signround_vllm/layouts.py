@@ -65,7 +65,5 @@ def widen_to_4_bits(packed: PackedLinear) -> PackedLinear:
     if spec.bits >= 4:
         raise ValueError(f"widen_to_4_bits: the layer already has {spec.bits} bits")
     q = unpack_int_weights(packed.qweight, spec.bits)  # uint8 [K, N]
-    zeros = packed.qzeros if packed.qzeros is not None else torch.full(
-        packed.scales.shape, spec.sym_zero_point, dtype=torch.uint8, device=packed.scales.device)
-    return PackedLinear(qweight=pack_int_weights(q, 4), scales=packed.scales, qzeros=zeros,
+    return PackedLinear(qweight=pack_int_weights(q, 4), scales=packed.scales, qzeros=packed.zero_points(),
                         spec=LayerQuantSpec(4, spec.group_size, False))

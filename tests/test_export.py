@@ -3,7 +3,6 @@ serving the result."""
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from offline_tuner.export import (
 )
 from signround_vllm.checkpoint import load_tensors, read_config, write_model_folder
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, pack_linear
+from tests.vllm_utils import run_reporting_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # The AWQ word slot (bits [4j, 4j + 4)) of each column n % 8: AWQ packs columns [0, 2, 4, 6, 1, 3, 5, 7].
@@ -443,11 +443,9 @@ def test_compressed_tensors_package_decompresses_our_weights_bit_for_bit(tmp_pat
     ckpt, raw, _ = make_checkpoint(tmp_path / "ckpt", config, seed=5)
     out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CT_PACKAGE), str(ROOT)]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ct_roundtrip.py"), str(out), str(ckpt)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROUNDTRIP=")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    report = json.loads(lines[0][len("ROUNDTRIP="):])
+    found, _ = run_reporting_script([sys.executable, str(ROOT / "tests" / "ct_roundtrip.py"), str(out), str(ckpt)],
+                                    ("ROUNDTRIP",), env, timeout=300)
+    report = found["ROUNDTRIP"]
     assert tuple(int(v) for v in report["version"].split(".")[:2]) >= (0, 18), report["version"]
     assert set(report["layers"]) == set(raw)
     for name, layer in report["layers"].items():
@@ -482,10 +480,7 @@ def test_vllm_loads_2_3_and_8_bit_compressed_tensors_exports(tiny_model, tmp_pat
     quantize_checkpoint(tiny_model, ckpt, config)
     out = export_checkpoint(ckpt, tmp_path / "ct", "compressed-tensors")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ct_served_by_stub_kernel.py"), str(out),
-                           json.dumps(PROMPTS), str(MAX_TOKENS)], env=env, capture_output=True, text=True, timeout=600)
-    found = {key: json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines()
-             for key in ("KERNELS", "TOKENS") if line.startswith(key + "=")}
-    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-4000:]
+    found, _ = run_reporting_script([sys.executable, str(ROOT / "tests" / "ct_served_by_stub_kernel.py"), str(out),
+                                     json.dumps(PROMPTS), str(MAX_TOKENS)], ("KERNELS", "TOKENS"), env, timeout=600)
     assert found["KERNELS"] == ["uint2b2", "uint3", "uint8"], found["KERNELS"]
     assert_same_greedy_as(out, ckpt, out=found["TOKENS"])

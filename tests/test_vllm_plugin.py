@@ -1,7 +1,6 @@
 """Tier 2-3: SignRound checkpoints served by vLLM (CPU, in-process) against their own dequantized weights."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,9 @@ from signround_vllm.checkpoint import write_dequantized_copy
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 from offline_tuner.default_model import make_tiny_model
 from offline_tuner.quantize import quantize_checkpoint
-from tests.vllm_utils import TIE_TOLERANCE, check_greedy_agreement, greedy_tokens_and_logprobs, prompt_logprobs, run_on
+from tests.vllm_utils import (
+    TIE_TOLERANCE, check_greedy_agreement, greedy_tokens_and_logprobs, prompt_logprobs, run_on, run_reporting_script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -106,11 +107,9 @@ def test_tensor_parallel_2_matches_single_rank(tiny_model, tmp_path, spec):
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     script = tmp_path / "tp.py"
     script.write_text(TP_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS=")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    assert_same_greedy_as(ckpt, deq, out=json.loads(lines[0][len("TOKENS="):]))
+    found, _ = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
+                                    ("TOKENS",), env, timeout=600)
+    assert_same_greedy_as(ckpt, deq, out=found["TOKENS"])
 
 
 COMPILED_SCRIPT = r"""
@@ -147,11 +146,8 @@ def test_compiled_engine_served_by_triton_operator(tiny_model, tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", SIGNROUND_KERNEL="triton", PYTHONPATH=str(root))
     script = tmp_path / "compiled.py"
     script.write_text(COMPILED_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    found = {key: json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines()
-             for key in ("LAUNCHES", "TOKENS") if line.startswith(key + "=")}
-    assert proc.returncode == 0 and len(found) == 2, proc.stderr[-4000:]
+    found, proc = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS),
+                                        str(MAX_TOKENS)], ("LAUNCHES", "TOKENS"), env, timeout=900)
     log = proc.stdout + proc.stderr
     assert "use kernel 'triton' (forced by SIGNROUND_KERNEL=triton)" in log
     assert "saved AOT compiled function" in log or "Directly load AOT compilation" in log, log[-4000:]

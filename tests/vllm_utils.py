@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
 from dataclasses import dataclass
 
 TIE_TOLERANCE = 0.1  # nats: two tokens this close are a tie under bf16 rounding
@@ -14,6 +16,17 @@ def make_llm(path, **kwargs):
                 enable_prefix_caching=False)
     args.update(kwargs)
     return LLM(str(path), **args)
+
+
+def run_reporting_script(cmd: list[str], keys: tuple[str, ...], env: dict, timeout: float):
+    """Run a script that prints `KEY=<json>` lines: ({key: value} for every key, the finished process).
+
+    Fails with the end of its stderr unless it exits 0 having printed every key."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    found = {key: json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines()
+             for key in keys if line.startswith(key + "=")}
+    assert proc.returncode == 0 and len(found) == len(keys), proc.stderr[-4000:]
+    return found, proc
 
 
 def run_on(path, fn, **kwargs):

@@ -469,6 +469,11 @@ def tuned_config(m: int) -> str | None:
 # ----------------------------------------------------------------------------
 # Host wrapper: checks, allocates, launches
 # ----------------------------------------------------------------------------
+def kernel_group_size(group_size: int, k: int) -> int:
+    """The GROUP_SIZE the kernel takes for a layer with K=k: -1 when one group spans K."""
+    return -1 if group_size in (-1, k) else group_size
+
+
 def check_operands(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int,
                    group_size: int, k: int, bias: torch.Tensor | None = None,
                    x: torch.Tensor | None = None) -> LayerQuantSpec:
@@ -491,8 +496,7 @@ def check_operands(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Te
                          f"{PACK_RUN}; the packed layout needs K % {PACK_RUN} == 0")
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"dequant_gemm: bits={bits!r}; expected one of {list(SUPPORTED_BITS)}")
-    if group_size == k:  # the effective size of one group per channel
-        group_size = -1
+    group_size = kernel_group_size(group_size, k)
     spec = LayerQuantSpec(bits=bits, group_size=group_size, sym=qzeros is None)
     spec.check_in_features(k, "dequant_gemm")
     if qweight.dim() != 2:
