@@ -12,20 +12,33 @@ def geometry(bits, device="cpu", k=256, n=128, group_size=32, act_dtype=torch.bf
                                  in_features=k, out_features=n, act_dtype=act_dtype, device=torch.device(device))
 
 
-def test_cpu_4_bit_layers_use_vllms_int4_kernel():
-    kernel = kernels.choose_kernel(geometry(4))
-    assert kernel.name == "vllm" and kernel.describe() == "CPUWNA16LinearKernel"
-
-
-@pytest.mark.parametrize("bits", [2, 3])
-def test_cpu_2_and_3_bit_layers_use_it_in_4_bit_containers(bits):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_layers_up_to_4_bits_use_the_int4_pack_kernel(bits):
     kernel = kernels.choose_kernel(geometry(bits))
-    assert kernel.name == "vllm_4bit" and kernel.describe() == "CPUWNA16LinearKernel"
+    assert kernel.name == "cpu_int4" and "int4-pack kernel up to" in kernel.describe()
+
+
+def test_cpu_layers_the_int4_pack_kernel_cannot_hold_go_to_vllms_kernel():
+    # out_features not divisible by 16 (vLLM's CPUWNA16 takes multiples of 32: 96 is one)
+    assert kernels.choose_kernel(geometry(4, n=96 + 8)).name == "dense"
+    with pytest.MonkeyPatch.context() as mp:  # a group size the int4-pack kernel does not take
+        mp.setattr(kernels.cpu_int4, "KERNEL_GROUP_SIZES", (256, 128, 64))
+        kernel = kernels.choose_kernel(geometry(4))
+        assert kernel.name == "vllm" and kernel.describe() == "CPUWNA16LinearKernel"
+        kernel = kernels.choose_kernel(geometry(3))
+        assert kernel.name == "vllm_4bit" and kernel.describe() == "CPUWNA16LinearKernel"
+    with pytest.raises(ValueError, match=r"cpu_int4: activation dtype torch.float32"):
+        kernels.choose_kernel(geometry(4, act_dtype=torch.float32), order=("cpu_int4",))
 
 
 def test_cpu_8_bit_and_odd_sizes_fall_back_to_dense():
     assert kernels.choose_kernel(geometry(8)).name == "dense"
-    assert kernels.choose_kernel(geometry(4, n=48)).name == "dense"
+    assert kernels.choose_kernel(geometry(4, n=48 + 8)).name == "dense"
+
+
+def test_the_exact_cpu_path_is_only_forced():
+    assert "cpu_int4_exact" not in kernels.ORDER["cpu"]
+    assert kernels.choose_kernel(geometry(4), forced="cpu_int4_exact").name == "cpu_int4_exact"
 
 
 def test_cuda_layers_use_triton():
