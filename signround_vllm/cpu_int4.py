@@ -114,14 +114,16 @@ def _blocks(w: Int4PackWeights, k: int) -> torch.Tensor:
     return w.packed.view(-1)[: n_blocked * k // 2].view(n_blocked // BLOCK_N, k, BLOCK_N // 2)
 
 
-def _dequantize_blocks(blocks: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W^T [K, nb * 64] in `dtype` from blocks uint8 [nb, K, 32] and their table [G, nb * 64, 2];
-    each weight computed in float32 and rounded once."""
+def _dequantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, nb * 64] in `dtype` from blocks uint8 [nb, K, 32] and their scales and offsets
+    [G, nb * 64] (contiguous: inductor vectorizes the loop only then); each weight computed in
+    float32 and rounded once."""
     nb, k, _ = blocks.shape
-    groups = table.shape[0]
+    groups = scale.shape[0]
     q = torch.cat([blocks & 15, blocks >> 4], dim=-1).permute(1, 0, 2).reshape(groups, k // groups, nb * BLOCK_N)
-    t = table.to(torch.float32)
-    return ((q.to(torch.float32) - 8) * t[:, None, :, 0] + t[:, None, :, 1]).reshape(k, nb * BLOCK_N).to(dtype)
+    w = (q.to(torch.float32) - 8) * scale[:, None, :].to(torch.float32) + offset[:, None, :].to(torch.float32)
+    return w.reshape(k, nb * BLOCK_N).to(dtype)
 
 
 @functools.cache
@@ -130,7 +132,7 @@ def _compiled_dequantize():
     eager function where compiling is not possible here (no C++ compiler), with a warning."""
     try:
         fn = torch.compile(_dequantize_blocks, dynamic=True)
-        fn(torch.zeros(2, 64, 32, dtype=torch.uint8), torch.ones(2, 128, 2), torch.bfloat16)  # compile now
+        fn(torch.zeros(2, 64, 32, dtype=torch.uint8), torch.ones(2, 128), torch.ones(2, 128), torch.bfloat16)
         return fn
     except Exception as e:  # noqa: BLE001  any compiler failure: the eager function computes the same
         import logging
@@ -151,7 +153,8 @@ def dequantize_columns(w: Int4PackWeights, k: int, col0: int, col1: int, dtype: 
         q = _unpack_tail(w, k)[:, col0 - n_blocked: col1 - n_blocked].to(torch.float32)
         return ((q.view(t.shape[0], -1, col1 - col0) - 8) * t[..., 0] + t[..., 1]).view(k, -1).to(dtype)
     dequantize = _compiled_dequantize() if compiled else _dequantize_blocks
-    return dequantize(_blocks(w, k)[col0 // BLOCK_N: col1 // BLOCK_N], table, dtype)
+    scale, offset = (t.contiguous() for t in table.unbind(-1))
+    return dequantize(_blocks(w, k)[col0 // BLOCK_N: col1 // BLOCK_N], scale, offset, dtype)
 
 
 def _tiles(k: int, n: int, itemsize: int) -> list[tuple[int, int]]:
