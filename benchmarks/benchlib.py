@@ -1,5 +1,11 @@
 """Small shared pieces of the benchmarks: the machine, logged commands measured from outside, reports.
 
+- `machine_info` / `machine`: what ran the numbers (CPU, cores, memory, package versions), as a
+  dict for JSON and as one line for a report; `LoadWatch` the load average seen meanwhile.
+- `run_logged`: a command with its output in a log file and a timeout; `StepFailed` names the log
+  and the last error line. `run_measured` (below) also polls memory.
+- `read_json`, `markdown_table`, `median_and_spread`, `write_report` (markdown + JSON side by side).
+
 `run_measured` runs a command with its output in a log file, polls the anonymous and resident
 memory of its whole process tree from /proc (so a tool's own accounting is not trusted), stops it at
 a time limit, at a memory cap (so an out-of-memory run cannot take the machine down), or when a log
@@ -8,8 +14,12 @@ line says it has gone far enough.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import json
 import os
 import platform
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,22 +53,130 @@ def log(tag: str, msg: str) -> None:
     print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def machine() -> str:
-    """CPU model, cores, memory, torch and Python versions, in one line."""
-    import torch
-
-    cpu = platform.processor() or "cpu"
-    mem = ""
+def machine_info(packages: tuple[str, ...] = ("torch",)) -> dict:
+    """CPU model and flags that matter here, cores (and how many this process may use), memory,
+    Python and the given packages' versions."""
+    cpu, flags = platform.processor() or "cpu", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu in ("cpu", platform.processor()):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
                 break
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        mem = f", {total / GiB:.0f} GiB memory"
-    except (OSError, ValueError):
+    except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, torch {torch.__version__}, Python {platform.python_version()}"
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1)
+    except (OSError, ValueError):
+        memory_gib = None
+    versions = {}
+    for dist in packages:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "memory_gib": memory_gib, "python": platform.python_version(), **versions}
+
+
+def machine(packages: tuple[str, ...] = ("torch",)) -> str:
+    """`machine_info` in one line."""
+    m = machine_info(packages)
+    flags = f" ({' '.join(m['cpu_flags'])})" if m["cpu_flags"] else ""
+    cores = f"{m['cores']} cores" + (f" ({m['usable_cores']} usable)" if m["usable_cores"] != m["cores"] else "")
+    versions = ", ".join(f"{p} {m[p]}" for p in packages)
+    return f"{m['cpu']}{flags}, {cores}, {m['memory_gib']:.0f} GiB memory, {versions}, Python {m['python']}"
+
+
+class LoadWatch:
+    """The 1-minute load average, sampled at the caller's steps: a range above the cores a
+    benchmark uses means other jobs shared the machine."""
+
+    def __init__(self):
+        self.seen = [os.getloadavg()[0]]
+
+    def sample(self) -> None:
+        self.seen.append(os.getloadavg()[0])
+
+    def describe(self) -> str:
+        return f"1-min load average seen {min(self.seen):.1f} to {max(self.seen):.1f}"
+
+
+class StepFailed(RuntimeError):
+    """A benchmark step failed; the message names its log."""
+
+
+def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> float:
+    """Run cmd with stdout+stderr into log_path, in its own process group; its wall seconds.
+    StepFailed on a non-zero exit (naming the last error line) or on the timeout (the group is
+    stopped, also when the caller is interrupted)."""
+    from signround_vllm.server import stop_process_group
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f:
+        f.write(f"$ {shlex.join(map(str, cmd))}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc, 20)
+            raise StepFailed(f"timed out after {timeout:.0f} s (log: {log_path})") from None
+        except BaseException:  # interrupted: leave nothing running
+            stop_process_group(proc, 20)
+            raise
+    if code != 0:
+        raise StepFailed(f"exited with code {code}: {last_error_line(log_path)} (log: {log_path})")
+    return time.perf_counter() - t0
+
+
+def last_error_line(log_path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    for ln in reversed(lines):
+        if re.search(r"(Error|Exception|error:)", ln) and "Failed to import Triton kernels" not in ln:
+            return ln[-300:]
+    return lines[-1][-300:] if lines else "(empty log)"
+
+
+def read_json(path: Path):
+    """The JSON in path, or None if it is missing or unreadable (a step that did not finish)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def median_and_spread(values: list[float]) -> tuple[float, float] | None:
+    """(median, spread) of repeated measurements; spread = (max - min) / median (0 for one value)."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return median, ((values[-1] - values[0]) / median if median else 0.0)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a pipe table (cells may not hold '|': it is replaced by '/')."""
+    clean = lambda cells: "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"  # noqa: E731
+    return [clean(header), "|" + "---|" * len(header), *(clean(r) for r in rows)]
+
+
+def write_report(folder: Path, name: str, markdown: str, payload: dict | None = None) -> list[Path]:
+    """<folder>/<name>.md and, with a payload, <name>.json (numbers for scripts); the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.md"]
+    paths[0].write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    if payload is not None:
+        paths.append(folder / f"{name}.json")
+        paths[1].write_text(json.dumps(payload, indent=1, default=str))
+    return paths
 
 
 def _tree(pid: int) -> list[int]:

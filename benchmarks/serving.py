@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/serving.py --recipe rtn          # round-to-nearest instead of tuning (quicker)
     .venv/bin/python benchmarks/serving.py --model DIR           # another local transformers folder
     .venv/bin/python benchmarks/serving.py --tiny                # short mode: tiny random model (tests)
+    .venv/bin/python benchmarks/serving.py --shape 1b --recipe rtn --repeats 3 --forced-kernels vllm \
+        --low-bits-perf --enforce-eager --resume --name serving-cpu-1b   # CPU speed at the 1B shape
 
 The quantized versions share the very same integers: SignRound quantizes the model once,
 symmetric (the only form vLLM's GPTQ holds), and that checkpoint is exported to GPTQ and AWQ
@@ -25,6 +27,13 @@ recorded as it comes. Latency and throughput commands of one version run in one 
 engine (``benchmarks/vllm_bench_session.py``); every subprocess has a timeout and a log file,
 and a failed step becomes a FAILED cell naming its log instead of stopping the benchmark.
 
+With ``--repeats N`` every timed step runs N times, in rounds that take each format in turn, and
+the report gives medians with their spread; with ``--resume`` checkpoints and rounds finished by
+an earlier run with the same ``--work`` folder are kept, so a long run can be stopped and
+continued. ``--forced-kernels`` adds rows serving the same SignRound checkpoint through another
+kernel of the plugin (``SIGNROUND_KERNEL``), and ``--shape`` replaces the model by random weights
+of a real model's shape (speed and memory do not depend on weight values).
+
 Writes ``<name>.md`` (the report), ``<name>.json`` (all numbers) and ``<name>-*.png`` (plots,
 if matplotlib is installed) into ``--results`` (default ``benchmarks/results``); checkpoints,
 raw vLLM results and logs go under ``--work``.
@@ -33,14 +42,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +54,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import benchlib  # noqa: E402
+from benchmarks.benchlib import StepFailed, median_and_spread, read_json, run_logged  # noqa: E402
 from offline_tuner.default_model import cache_root, make_tiny_model, prepare_default_model  # noqa: E402
-from signround_vllm.server import ServerError, VllmServer, stop_process_group, vllm_executable  # noqa: E402
+from signround_vllm.server import ServerError, VllmServer, vllm_executable  # noqa: E402
 
 SESSION_SCRIPT = Path(__file__).resolve().with_name("vllm_bench_session.py")
 GROUP_SIZES = (128, 64, 32)  # preferred first
@@ -60,7 +68,7 @@ EXPORT_FORMATS = ("gptq", "awq")
 
 
 def log(msg: str) -> None:
-    print(f"[serving {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    benchlib.log("serving", msg)
 
 
 # ----------------------------------------------------------------------------
@@ -91,6 +99,10 @@ class Settings:
     seed: int = 0
     kv_cache_gib: int = 1
     timeout: float = 900.0  # seconds, per subprocess step (engine start included)
+    repeats: int = 1  # rounds of every timed step, variants interleaved within each round
+    forced_kernels: tuple[str, ...] = ()  # extra SignRound rows with $SIGNROUND_KERNEL set to each name
+    low_bits_perf: bool = False  # time the lower-bit SignRound checkpoints too (else weights and quality only)
+    quality: bool = True  # held-out perplexity and completions (off for random-weight models)
 
     def check(self) -> None:
         problems = []
@@ -101,6 +113,13 @@ class Settings:
             problems.append(f"--eval-seq-len {self.eval_seq_len} + 1 exceeds --max-model-len {self.max_model_len}")
         if self.output_len < 2:
             problems.append(f"--output-len {self.output_len}: need >= 2 to separate decoding from prefill")
+        if self.repeats < 1:
+            problems.append(f"--repeats {self.repeats}: need at least 1")
+        from signround_vllm.kernels import CANDIDATES
+
+        unknown = [k for k in self.forced_kernels if k not in CANDIDATES]
+        if unknown:
+            problems.append(f"--forced-kernels {unknown}: not SignRound kernels; choose from {list(CANDIDATES)}")
         if any(b not in (2, 3, 4, 8) for b in (self.bits, *self.low_bits)):
             problems.append(f"bits must be 2, 3, 4 or 8; got --bits {self.bits} --low-bits {list(self.low_bits)}")
         if problems:
@@ -111,7 +130,7 @@ class Settings:
 TINY = {"input_len": 16, "output_len": 8, "batch_sizes": (1, 8), "latency_warmup": 2, "latency_iters": 5,
         "throughput_prompts": 8, "serve_prompts": 4, "concurrencies": (2,), "eval_windows": 2, "eval_seq_len": 64,
         "completion_tokens": 8, "max_model_len": 256, "enforce_eager": True, "timeout": 300.0,
-        "recipe": "rtn"}
+        "recipe": "rtn", "forced_kernels": ("vllm",)}
 
 
 @dataclasses.dataclass
@@ -124,49 +143,20 @@ class Variant:
     ckpt: Path | None
     quantization: str | None  # value for --quantization; None: vLLM reads the checkpoint config
     perf: bool  # latency, throughput and online serving (else weights and quality only)
-    results: dict = dataclasses.field(default_factory=dict)
+    env: dict = dataclasses.field(default_factory=dict)  # set for every vLLM process of this variant
+    results: dict = dataclasses.field(default_factory=dict)  # medians over rounds for timings
     errors: dict = dataclasses.field(default_factory=dict)  # step -> message (with the log path)
+    rounds: list = dataclasses.field(default_factory=list)  # each round's own results
+    round: int = 0  # the round being measured
+
+    @property
+    def tag(self) -> str:
+        """Name for this round's log files."""
+        return f"{self.name}-r{self.round}"
 
     def fail(self, step: str, message: str) -> None:
         self.errors[step] = message
         log(f"{self.name}: {step} FAILED: {message}")
-
-
-class StepFailed(RuntimeError):
-    pass
-
-
-# ----------------------------------------------------------------------------
-# Subprocesses: timeout, log file, process group
-# ----------------------------------------------------------------------------
-def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> None:
-    """Run cmd with stdout+stderr into log_path; raise StepFailed on a non-zero exit or a timeout."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process_group(proc, 20)
-            raise StepFailed(f"timed out after {timeout:.0f} s (log: {log_path})") from None
-        except BaseException:  # interrupted: leave nothing running
-            stop_process_group(proc, 20)
-            raise
-    if code != 0:
-        raise StepFailed(f"exited with code {code}: {_last_error_line(log_path)} (log: {log_path})")
-
-
-def _last_error_line(log_path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    for ln in reversed(lines):
-        if re.search(r"(Error|Exception|error:)", ln) and "Failed to import Triton kernels" not in ln:
-            return ln[-300:]
-    return lines[-1][-300:] if lines else "(empty log)"
 
 
 # ----------------------------------------------------------------------------
@@ -194,8 +184,15 @@ def safetensors_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path) -> tuple[list[Variant], dict, dict]:
-    """Quantize and export; returns (variants, export refusals {bits: {fmt: message}}, timings)."""
+def _complete(ckpt: Path) -> bool:
+    """A checkpoint written in full (quantize and export write to a temporary folder, then rename)."""
+    return (ckpt / "config.json").is_file()
+
+
+def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
+                   resume: bool = False) -> tuple[list[Variant], dict, dict]:
+    """Quantize and export (with resume, checkpoints already written are kept); returns (variants,
+    export refusals {bits: {fmt: message}}, timings)."""
     from offline_tuner.export import ExportError, export_checkpoint
     from offline_tuner.quantize import RECIPES, quantize_checkpoint
     from signround_vllm.format import LayerQuantSpec, SignRoundConfig
@@ -214,27 +211,35 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path) ->
         short = spec.short_name()
         main = bits == s.bits
         sr = Variant("signround" if main else f"signround-{short}", f"SignRound {short}", bits,
-                     ckpts / f"signround-{short}", "signround", perf=main)
+                     ckpts / f"signround-{short}", "signround", perf=main or s.low_bits_perf)
         variants.append(sr)
         t0 = time.perf_counter()
         try:
-            log(f"quantizing {short} ({describe_recipe(s)}) -> {sr.ckpt}")
-            quantize_checkpoint(model_dir, sr.ckpt, SignRoundConfig(default=spec), tune=tune,
-                                calibration=calibration, overwrite=True)
-            timings[f"quantize {short}"] = round(time.perf_counter() - t0, 1)
+            if resume and _complete(sr.ckpt):
+                log(f"{short}: keeping {sr.ckpt} (--resume)")
+            else:
+                log(f"quantizing {short} ({describe_recipe(s)}) -> {sr.ckpt}")
+                quantize_checkpoint(model_dir, sr.ckpt, SignRoundConfig(default=spec), tune=tune,
+                                    calibration=calibration, overwrite=True)
+                timings[f"quantize {short}"] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - becomes a FAILED row
             sr.fail("quantize", f"{type(e).__name__}: {e}")
             sr.ckpt = None
+        if main and sr.ckpt is not None:
+            for kernel in s.forced_kernels:  # the same checkpoint, served through another kernel
+                variants.append(Variant(f"signround-{kernel}", f"SignRound {short} ({kernel} forced)", bits, sr.ckpt,
+                                        "signround", perf=True, env={"SIGNROUND_KERNEL": kernel}))
         refusals[bits] = {}
         for fmt in EXPORT_FORMATS:
             v = Variant(fmt if main else f"{fmt}-{short}", f"{fmt.upper()} {short}", bits,
-                        ckpts / f"{fmt}-{short}", None, perf=main)
+                        ckpts / f"{fmt}-{short}", None, perf=main or s.low_bits_perf)
             if sr.ckpt is None:
                 v.fail("export", "no SignRound checkpoint to export (its quantization failed)")
                 variants.append(v)
                 continue
             try:
-                export_checkpoint(sr.ckpt, v.ckpt, fmt, overwrite=True)
+                if not (resume and _complete(v.ckpt)):
+                    export_checkpoint(sr.ckpt, v.ckpt, fmt, overwrite=True)
                 variants.append(v)  # exported: served and measured like the others
                 refusals[bits][fmt] = "exported"
             except ExportError as e:
@@ -246,7 +251,8 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path) ->
                     v.fail("export", refusals[bits][fmt])
                     variants.append(v)
     order = {n: i for i, n in enumerate(MAIN_FORMATS)}
-    variants.sort(key=lambda v: (not v.perf, order.get(v.name, 9), -(v.bits or 99)))
+    variants.sort(key=lambda v: (not v.perf, -(v.bits or 99) if v.perf else 0,
+                                 order.get(v.name, 1.5 if v.name.startswith("signround") else 9), -(v.bits or 99)))
     return variants, refusals, timings
 
 
@@ -290,7 +296,7 @@ def offline_session(v: Variant, s: Settings, run_dir: Path, log_dir: Path) -> No
                          "--random-input-len", str(s.input_len), "--random-output-len", str(s.output_len),
                          "--num-prompts", str(s.throughput_prompts), "--output-json", str(path)])
     memory_path = run_dir / "weight-memory.json"
-    env = dict(os.environ)
+    env = dict(os.environ, **v.env)
     if not v.perf:
         # Weights only: no timing is taken, so the quickest engine start will do (in-process, eager).
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -298,7 +304,7 @@ def offline_session(v: Variant, s: Settings, run_dir: Path, log_dir: Path) -> No
                "weight_memory": {"engine_args": common, "out": str(memory_path)}}
     session_file = run_dir / "session.json"
     session_file.write_text(json.dumps(session, indent=1))
-    log_path = log_dir / f"{v.name}-offline.log"
+    log_path = log_dir / f"{v.tag}-offline.log"
     v.results["commands"] = [shlex.join(["vllm", *c]) for c in commands]
     log(f"{v.name}: offline session ({len(commands)} vllm bench commands + weight memory), log {log_path}")
     timeout = s.timeout * (2 if v.perf else 1)
@@ -307,7 +313,7 @@ def offline_session(v: Variant, s: Settings, run_dir: Path, log_dir: Path) -> No
         run_logged([sys.executable, str(SESSION_SCRIPT), str(session_file)], log_path, timeout, env)
     except StepFailed as e:
         failure = str(e)
-    status = _read_json(run_dir / "session-status.json") or {}
+    status = read_json(run_dir / "session-status.json") or {}
     v.results["engine_starts_offline"] = status.get("engine_starts")
     step_errors = {st["step"]: st.get("error", "did not finish") for st in status.get("steps", []) if not st["ok"]}
     collect_offline(v, s, outputs, memory_path, step_errors, failure, log_path)
@@ -322,7 +328,7 @@ def collect_offline(v: Variant, s: Settings, outputs: dict, memory_path: Path, s
     if v.perf:
         latency = {}
         for bs in s.batch_sizes:
-            short, full = (_read_json(outputs[("latency", bs, n)]) for n in (1, s.output_len))
+            short, full = (read_json(outputs[("latency", bs, n)]) for n in (1, s.output_len))
             if short is None or full is None:
                 v.fail(f"latency bs{bs}", missing(*(outputs[("latency", bs, n)] for n in (1, s.output_len))))
                 continue
@@ -331,7 +337,7 @@ def collect_offline(v: Variant, s: Settings, outputs: dict, memory_path: Path, s
                            "decode_ms_per_token": (e2e - prefill) / (s.output_len - 1) * 1e3,
                            "e2e_p50_s": full["percentiles"]["50"], "e2e_p99_s": full["percentiles"]["99"]}
         v.results["latency"] = latency
-        thr = _read_json(outputs["throughput"])
+        thr = read_json(outputs["throughput"])
         if thr is None:
             v.fail("throughput", missing(outputs["throughput"]))
         else:
@@ -339,7 +345,7 @@ def collect_offline(v: Variant, s: Settings, outputs: dict, memory_path: Path, s
                 "requests_per_s": thr["requests_per_second"], "total_tokens_per_s": thr["tokens_per_second"],
                 "output_tokens_per_s": thr["num_requests"] * s.output_len / thr["elapsed_time"],
                 "elapsed_s": thr["elapsed_time"]}
-    mem = _read_json(memory_path)
+    mem = read_json(memory_path)
     if mem is None:
         v.fail("weight memory", missing(memory_path))
     else:
@@ -347,25 +353,19 @@ def collect_offline(v: Variant, s: Settings, outputs: dict, memory_path: Path, s
         v.results["loaded_detail"] = mem["workers"]
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def served_phase(v: Variant, s: Settings, run_dir: Path, log_dir: Path, windows) -> None:
-    """Start vllm serve; online benchmark (perf variants), held-out perplexity, greedy completions."""
+def served_phase(v: Variant, s: Settings, run_dir: Path, log_dir: Path, windows, quality: bool) -> None:
+    """Start vllm serve; online benchmark (perf variants); with quality, held-out perplexity and
+    greedy completions."""
     from signround_vllm.server import perplexity_from_logprobs
 
     extra = [a for a in engine_args(v, s)[2:] if a != "--no-enable-prefix-caching"]
     if v.quantization:  # VllmServer adds --quantization itself
         i = extra.index("--quantization")
         del extra[i:i + 2]
-    serve_log = log_dir / f"{v.name}-serve.log"
+    serve_log = log_dir / f"{v.tag}-serve.log"
     server = VllmServer(v.ckpt, quantization=v.quantization, extra_args=extra, log_path=serve_log,
-                        startup_timeout=s.timeout, served_name=v.name,
-                        progress=lambda m: log(f"{v.name}: {m}"))
+                        startup_timeout=s.timeout, served_name=v.name, env=dict(os.environ, **v.env),
+                        progress=lambda m: log(f"{v.tag}: {m}"))
     log(f"{v.name}: starting `{shlex.join(server.command())}`")
     try:
         with server:
@@ -378,18 +378,19 @@ def served_phase(v: Variant, s: Settings, run_dir: Path, log_dir: Path, windows)
                         v.results["serve"][c] = bench_serve(server, v, s, c, run_dir, log_dir)
                     except StepFailed as e:
                         v.fail(f"serve c={c}", str(e))
-            try:
-                logprobs = []
-                for w in windows:
-                    logprobs += server.prompt_token_logprobs(w.tolist())
-                v.results["ppl_served"] = perplexity_from_logprobs(logprobs)
-                v.results["ppl_tokens"] = len(logprobs)
-            except (ServerError, OSError, KeyError, ValueError) as e:
-                v.fail("perplexity", f"{type(e).__name__}: {e} (log: {serve_log})")
-            try:
-                v.results["completions"] = [greedy_completion(server, p, s) for p in COMPLETION_PROMPTS]
-            except (ServerError, OSError, KeyError, ValueError) as e:
-                v.fail("completion", f"{type(e).__name__}: {e} (log: {serve_log})")
+            if quality:
+                try:
+                    logprobs = []
+                    for w in windows:
+                        logprobs += server.prompt_token_logprobs(w.tolist())
+                    v.results["ppl_served"] = perplexity_from_logprobs(logprobs)
+                    v.results["ppl_tokens"] = len(logprobs)
+                except (ServerError, OSError, KeyError, ValueError) as e:
+                    v.fail("perplexity", f"{type(e).__name__}: {e} (log: {serve_log})")
+                try:
+                    v.results["completions"] = [greedy_completion(server, p, s) for p in COMPLETION_PROMPTS]
+                except (ServerError, OSError, KeyError, ValueError) as e:
+                    v.fail("completion", f"{type(e).__name__}: {e} (log: {serve_log})")
             v.results["kernels"] = kernels_in_log(serve_log)
     except ServerError as e:
         v.fail("serve", f"{str(e).splitlines()[0]} (log: {serve_log})")
@@ -414,10 +415,10 @@ def bench_serve(server: VllmServer, v: Variant, s: Settings, concurrency: int, r
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(run_dir), "--result-filename", name, "--disable-tqdm"]
     v.results.setdefault("commands", []).append(shlex.join(["vllm", *cmd[1:]]))
-    log_path = log_dir / f"{v.name}-bench-serve-c{concurrency}.log"
-    log(f"{v.name}: vllm bench serve --max-concurrency {concurrency} ({s.serve_prompts} prompts), log {log_path}")
+    log_path = log_dir / f"{v.tag}-bench-serve-c{concurrency}.log"
+    log(f"{v.tag}: vllm bench serve --max-concurrency {concurrency} ({s.serve_prompts} prompts), log {log_path}")
     run_logged(cmd, log_path, s.timeout)
-    r = _read_json(run_dir / name)
+    r = read_json(run_dir / name)
     if r is None:
         raise StepFailed(f"no result file {run_dir / name} (log: {log_path})")
     if r.get("failed") or r.get("completed") != s.serve_prompts:
@@ -434,11 +435,63 @@ def kernels_in_log(path: Path) -> str:
     except OSError:
         return "?"
     found = {f"{name} ({under})" if under else name
-             for name, under in re.findall(r"layers \(e\.g\. [^)]*\) use kernel '(\w+)'(?: = (\w+))?", text)}
+             for name, under in re.findall(r"layers \(e\.g\. [^)]*\) use kernel '(\w+)'(?: = (.+?))? \((?:chosen|forced)",
+                                           text)}
     if "no packed kernel fits" in text:
         found.add("dense")
     found |= set(re.findall(r"Using (\w+) for (?:mixed-precision linear|\w+LinearMethod)", text))
     return ", ".join(sorted(found)) or "bf16 GEMM (unquantized)"
+
+
+TIMED = ("latency", "throughput", "serve")  # sections measured in every round; the rest in the first
+
+
+def measure_round(v: Variant, s: Settings, work: Path, log_dir: Path, windows, resume: bool) -> None:
+    """Round v.round of v: offline session and served phase; appends its results to v.rounds.
+    A round that finished without errors is kept on disk, and --resume takes it from there."""
+    run_dir = work / "runs" / v.name / f"round-{v.round}"
+    saved = read_json(run_dir / "round.json") if resume else None
+    if saved is not None:
+        log(f"{v.tag}: kept from an earlier run (--resume; {run_dir / 'round.json'})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob("*.json"):
+            stale.unlink()
+        errors_before, v.results = dict(v.errors), {}
+        offline_session(v, s, run_dir, log_dir)
+        served_phase(v, s, run_dir, log_dir, windows, quality=s.quality and v.round == 0)
+        saved = json.loads(json.dumps({"results": v.results}, default=str))  # the form --resume reads
+        if v.errors == errors_before:
+            (run_dir / "round.json").write_text(json.dumps(saved))
+    results = saved["results"]
+    for key in ("latency", "serve"):  # JSON made the batch sizes and concurrencies strings
+        if key in results:
+            results[key] = {int(k): val for k, val in results[key].items()}
+    v.rounds.append(results)
+
+
+def aggregate_rounds(v: Variant) -> None:
+    """v.results: the first round's untimed results; each timing the median over rounds, and under
+    "spread" the same keys holding (max - min) / median."""
+
+    def merge(values: list):
+        if all(isinstance(x, dict) for x in values):
+            keys = list(dict.fromkeys(k for x in values for k in x))
+            pairs = {k: merge([x[k] for x in values if k in x]) for k in keys}
+            pairs = {k: p for k, p in pairs.items() if p is not None}
+            return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            return median_and_spread(values)
+        return None
+
+    first = next((r for r in v.rounds if r), {})
+    v.results = {k: val for k, val in first.items() if k not in TIMED}
+    v.results["spread"] = {}
+    for key in TIMED:
+        present = [r[key] for r in v.rounds if key in r]
+        if present:
+            v.results[key], v.results["spread"][key] = merge(present)
+    v.results["rounds"] = len(v.rounds)
 
 
 # ----------------------------------------------------------------------------
@@ -487,24 +540,6 @@ def judge(model_dir: Path, variants: list[Variant], windows) -> float:
 # ----------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------
-def machine() -> dict:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for dist in ("vllm", "torch", "transformers"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), **versions}
-
-
 def _mib(n: float | None) -> str:
     return "" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -538,12 +573,13 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
                   info: dict) -> str:
     m = info["machine"]
     perf = [v for v in variants if v.perf]
-    by_bits = {v.bits: v for v in variants if v.name.startswith("signround")}
+    by_bits = {v.bits: v for v in variants if v.name.startswith("signround") and not v.env}
     lines = [
         f"# Serving benchmark: {model_desc}",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
-        f"vllm {m['vllm']}, torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}.",
+        f"Machine: {m['cpu']} ({' '.join(m['cpu_flags'])}), {m['cores']} cores ({m['usable_cores']} usable), "
+        f"{m['memory_gib']} GiB; vllm {m['vllm']}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"Python {m['python']}.",
         f"Load average (1 min) seen before the steps: {info['load_min']:.1f} to {info['load_max']:.1f} "
         f"(this script uses up to 2 cores; a load above that means other jobs shared the CPU and timings are "
         f"slower and noisier than on an idle machine).",
@@ -565,10 +601,15 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
         f"/ {s.output_len - 1}. Throughput: `vllm bench throughput`, {s.throughput_prompts} random prompts of "
         f"{s.input_len} + {s.output_len} tokens. Online: `vllm serve` + `vllm bench serve`, {s.serve_prompts} random "
         f"prompts of {s.input_len} + {s.output_len} tokens per max-concurrency, request rate inf, ignore_eos.",
-        f"Quality: held-out perplexity = served prompt log-probabilities on {s.eval_windows} x {s.eval_seq_len} "
-        f"Wikipedia evaluation tokens (bf16 in transformers: {info['ppl_bf16_transformers']:.2f}); completion ppl = "
-        f"perplexity of the served model's greedy completions ({len(COMPLETION_PROMPTS)} prompts x "
-        f"{s.completion_tokens} tokens) under the bf16 model.",
+        (f"Repeats: {s.repeats} rounds, each running every timed format once in turn (so a slow spell of the "
+         "machine hits all formats); a timing is the median over rounds, `±x%` its spread (max - min) / median."
+         if s.repeats > 1 else "Repeats: one round (no spread measured; pass --repeats 3 for medians and spreads)."),
+        (f"Quality: held-out perplexity = served prompt log-probabilities on {s.eval_windows} x {s.eval_seq_len} "
+         f"Wikipedia evaluation tokens (bf16 in transformers: {info['ppl_bf16_transformers']:.2f}); completion ppl = "
+         f"perplexity of the served model's greedy completions ({len(COMPLETION_PROMPTS)} prompts x "
+         f"{s.completion_tokens} tokens) under the bf16 model." if s.quality else
+         f"Quality: {NOT_MEASURED} (speed and memory do not depend on weight values; quality is judged on "
+         "real models)."),
         "Weights loaded: the tensors of the model in vLLM's worker after loading (KV cache excluded), plus the "
         "packed copies that vLLM's CPU backend gives each unquantized GEMM (oneDNN handles, counted as k x n x 2 "
         "bytes): bf16 linears keep only that copy; the tied embedding keeps its table and gets two copies (for "
@@ -588,8 +629,8 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
             f"| {cell(v, ('quantize', 'export'), _mib(r.get('disk_bytes')))} "
             f"| {cell(v, ('quantize', 'export', 'weight memory'), _loaded(r))} "
             f"| {cell(v, ('quantize', 'export', 'serve'), _num(r.get('serve_startup_s'), '.0f') + ' s')} "
-            f"| {cell(v, ('quantize', 'export', 'serve', 'perplexity'), _num(r.get('ppl_served'), '.2f'))} "
-            f"| {cell(v, ('quantize', 'export', 'serve', 'completion'), _num(r.get('completion_ppl_bf16_judge'), '.2f'))} |")
+            f"| {cell(v, ('quantize', 'export', 'serve', 'perplexity'), _quality(s, r.get('ppl_served')))} "
+            f"| {cell(v, ('quantize', 'export', 'serve', 'completion'), _quality(s, r.get('completion_ppl_bf16_judge')))} |")
     bs_cols = " | ".join(f"latency bs{b} e2e (s) | bs{b} ms/token" for b in s.batch_sizes)
     lines += ["", "## Offline: `vllm bench latency` and `vllm bench throughput`", "",
               f"| format | {bs_cols} | throughput req/s | total tok/s | output tok/s |",
@@ -598,13 +639,12 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
         r = v.results
         cols = []
         for b in s.batch_sizes:
-            lat = r.get("latency", {}).get(b, {})
             steps = ("quantize", "export", f"latency bs{b}")
-            cols += [cell(v, steps, _num(lat.get("e2e_s"), ".3f")), cell(v, steps, _num(lat.get("decode_ms_per_token"), ".2f"))]
-        thr = r.get("throughput", {})
+            cols += [cell(v, steps, _timed(v, ("latency", b, "e2e_s"), ".3f")),
+                     cell(v, steps, _timed(v, ("latency", b, "decode_ms_per_token"), ".2f"))]
         steps = ("quantize", "export", "throughput")
-        cols += [cell(v, steps, _num(thr.get("requests_per_s"), ".2f")), cell(v, steps, _num(thr.get("total_tokens_per_s"), ".1f")),
-                 cell(v, steps, _num(thr.get("output_tokens_per_s"), ".1f"))]
+        cols += [cell(v, steps, _timed(v, ("throughput", k), f)) for k, f in
+                 (("requests_per_s", ".2f"), ("total_tokens_per_s", ".1f"), ("output_tokens_per_s", ".1f"))]
         lines.append(f"| {v.label} | " + " | ".join(cols) + " |")
     lines += ["", "## Online: `vllm serve` + `vllm bench serve`", "",
               "| format | max concurrency | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
@@ -612,12 +652,13 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
               "|---|---|---|---|---|---|---|---|---|---|"]
     for v in perf:
         for c in s.concurrencies:
-            r = v.results.get("serve", {}).get(c, {})
             steps = ("quantize", "export", "serve", f"serve c={c}")
-            vals = [_num(r.get("request_throughput"), ".2f"), _num(r.get("output_throughput"), ".1f")]
-            vals += [_num(r.get(k), ".1f") for k in ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms",
-                                                      "p50_e2el_ms", "p99_e2el_ms")]
+            vals = [_timed(v, ("serve", c, "request_throughput"), ".2f"),
+                    _timed(v, ("serve", c, "output_throughput"), ".1f")]
+            vals += [_timed(v, ("serve", c, k), ".1f") for k in ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms",
+                                                                   "p99_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")]
             lines.append(f"| {v.label} | {c} | " + " | ".join(cell(v, steps, x) for x in vals) + " |")
+    lines += ratio_table(perf, s)
     lines += ["", "## Bit widths: SignRound served at each width; what GPTQ and AWQ do with it", "",
               "| bits | SignRound checkpoint | weights on disk | weights loaded | held-out ppl (served) "
               "| same weights in transformers | completion ppl (bf16 judge) | greedy completion of \""
@@ -625,7 +666,7 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
               "|---|---|---|---|---|---|---|---|---|---|"]
     bf16 = next((v for v in variants if v.name == "bf16"), None)
     if bf16 is not None:
-        lines.append(_bits_row("16", bf16, "(bf16 model)", "-", "-", info.get("ppl_bf16_transformers")))
+        lines.append(_bits_row("16", bf16, "(bf16 model)", "-", "-", s, info.get("ppl_bf16_transformers")))
     for bits in sorted(by_bits, reverse=True):
         v = by_bits[bits]
         fmts = []
@@ -636,7 +677,7 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
                 ppl = ev.results.get("ppl_served") if ev else None
                 answer = f"exported and served, ppl {ppl:.2f}" if ppl is not None else cell(ev, tuple(ev.errors), "exported")
             fmts.append(_short(answer, 600))
-        lines.append(_bits_row(str(bits), v, v.label, *fmts))
+        lines.append(_bits_row(str(bits), v, v.label, *fmts, s))
     if perf:
         lines += ["", f"vLLM commands for {perf[0].label} (the other formats differ in --model, --tokenizer and "
                   "--quantization; latency and throughput ran in one process on one engine, "
@@ -651,17 +692,75 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
     return "\n".join(lines) + "\n"
 
 
-def _bits_row(bits: str, v: Variant, name: str, gptq: str, awq: str, bf16_reference: float | None = None) -> str:
+RATIOS = (  # (column, path into results, True if higher is better)
+    ("bs1 decode ms/token", ("latency", 1, "decode_ms_per_token"), False),
+    ("bs1 e2e", ("latency", 1, "e2e_s"), False),
+    ("bs8 decode ms/token", ("latency", 8, "decode_ms_per_token"), False),
+    ("throughput tok/s", ("throughput", "total_tokens_per_s"), True),
+    ("serve c1 TPOT p50", ("serve", 1, "p50_tpot_ms"), False),
+    ("serve c4 TPOT p50", ("serve", 4, "p50_tpot_ms"), False),
+    ("serve c4 output tok/s", ("serve", 4, "output_throughput"), True),
+)
+
+
+def ratio_table(perf: list[Variant], s: Settings) -> list[str]:
+    """Speed of each format against bf16, GPTQ and AWQ (above 1: faster), from the medians."""
+    refs = {name: next((v for v in perf if v.name == name), None) for name in ("bf16", "gptq", "awq")}
+    cols = [(c, path, up) for c, path, up in RATIOS
+            if (path[0] != "latency" or path[1] in s.batch_sizes) and (path[0] != "serve" or path[1] in s.concurrencies)]
+    if refs["bf16"] is None or not cols:
+        return []
+    rows = []
+    for v in perf:
+        for ref_name, ref in refs.items():
+            if ref is None or ref is v:
+                continue
+            cells = []
+            for _, path, higher_better in cols:
+                a, b = _at(v.results, path), _at(ref.results, path)
+                cells.append("-" if a is None or b is None or not a or not b else
+                             f"{(a / b if higher_better else b / a):.2f}x")
+            rows.append([v.label, f"vs {ref.label}", *cells])
+    return ["", "## Speed ratios (from the medians; above 1: faster than the reference)", "",
+            *benchlib.markdown_table(["format", "reference", *(c for c, _, _ in cols)], rows)]
+
+
+def _at(results: dict, path: tuple):
+    for key in path:
+        results = results.get(key) if isinstance(results, dict) else None
+    return results
+
+
+def _timed(v: Variant, path: tuple, fmt: str) -> str:
+    """A timing's median, with its spread over rounds when there were several."""
+    text = _num(_at(v.results, path), fmt)
+    spread = _at(v.results.get("spread", {}), path)
+    if text and v.results.get("rounds", 1) > 1 and spread is not None:
+        text += f" ±{spread * 100:.0f}%"
+    return text
+
+
+NOT_MEASURED = "not measured (random weights)"
+
+
+def _quality(s: Settings, value) -> str:
+    return _num(value, ".2f") if s.quality else NOT_MEASURED
+
+
+def _bits_row(bits: str, v: Variant, name: str, gptq: str, awq: str, s: Settings,
+              bf16_reference: float | None = None) -> str:
     r = v.results
     ref = r.get("ppl_reference", bf16_reference)
     reference = cell(v, ("quantize",), _num(ref, ".2f")) if ref is not None else ""
+    if not s.quality:
+        reference = NOT_MEASURED
     text = " ".join(r["completions"][0]["text"].split()).replace("|", "/")[:80] if r.get("completions") else ""
     return (f"| {bits} | {name} | {cell(v, ('quantize',), _mib(r.get('disk_bytes')))} "
             f"| {cell(v, ('quantize', 'weight memory'), _loaded(r))} "
-            f"| {cell(v, ('quantize', 'serve', 'perplexity'), _num(r.get('ppl_served'), '.2f'))} "
+            f"| {cell(v, ('quantize', 'serve', 'perplexity'), _quality(s, r.get('ppl_served')))} "
             f"| {reference} "
-            f"| {cell(v, ('quantize', 'serve', 'completion'), _num(r.get('completion_ppl_bf16_judge'), '.2f'))} "
-            f"| {cell(v, ('quantize', 'serve', 'completion'), repr(text) if r.get('completions') else '')} "
+            f"| {cell(v, ('quantize', 'serve', 'completion'), _quality(s, r.get('completion_ppl_bf16_judge')))} "
+            f"| {cell(v, ('quantize', 'serve', 'completion'), repr(text) if r.get('completions') else NOT_MEASURED)} "
             f"| {gptq} | {awq} |")
 
 
@@ -765,6 +864,17 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, help="seconds allowed to each subprocess step")
     p.add_argument("--formats", nargs="+", choices=MAIN_FORMATS, default=list(MAIN_FORMATS),
                    help="which formats of the main comparison to measure")
+    p.add_argument("--shape", choices=["1b", "3b", "8b"],
+                   help="a random-weight Llama of this shape (benchmarks/scale.py: Llama-3.2-1B, -3B, 3.1-8B) "
+                        "instead of a real model; speed and memory only (no quality columns)")
+    p.add_argument("--repeats", type=int, help="rounds of every timed step, formats interleaved (default 1)")
+    p.add_argument("--forced-kernels", nargs="*",
+                   help="extra rows: the main SignRound checkpoint served with SIGNROUND_KERNEL set to each name "
+                        "(e.g. vllm); default none, vllm in --tiny mode")
+    p.add_argument("--low-bits-perf", action="store_true", default=None,
+                   help="time the lower-bit SignRound checkpoints too (latency, throughput, serving)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep checkpoints and finished rounds of an earlier run with the same --work folder")
     p.add_argument("--name", help="output file prefix (default: serving, or serving-tiny)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for report, JSON, plots")
     p.add_argument("--work", help="folder for checkpoints, raw results and logs (default: .cache/bench-serving[-tiny])")
@@ -777,6 +887,8 @@ def parse_args(argv):
         if given is not None:
             values[f.name] = tuple(given) if isinstance(given, list) else given
     values["low_bits"] = tuple(b for b in values["low_bits"] if b != values["bits"])
+    if args.shape:
+        values["quality"] = False
     settings = Settings(**values)
     settings.check()
     return args, settings
@@ -793,12 +905,20 @@ def main(argv=None) -> int:
     for d in (work, results_dir):
         d.mkdir(parents=True, exist_ok=True)
     log_dir = work / "logs"
-    loads = [os.getloadavg()[0]]
+    loads = benchlib.LoadWatch()
 
     default_dir = prepare_default_model(progress=log)
     if args.tiny:
         model_dir = make_tiny_model(work / "tiny-llama", seed=s.seed, tokenizer_from=default_dir)
         model_desc = "tiny random Llama (2 layers, hidden 128) with the SmolLM2 tokenizer (`--tiny` short mode)"
+    elif args.shape:
+        from benchmarks.scale import SHAPES, model_params, write_random_model
+
+        model_dir = write_random_model(args.shape)
+        shape = SHAPES[args.shape]
+        model_desc = (f"random-weight Llama with the shape of {shape['name']} ({model_params(shape) / 1e9:.2f}B "
+                      f"parameters: hidden {shape['hidden']}, {shape['layers']} blocks, vocabulary 128256"
+                      f"{', tied embedding' if shape['tie'] else ''})")
     elif args.model:
         model_dir = Path(args.model).resolve()
         model_desc = f"`{model_dir}`"
@@ -811,39 +931,41 @@ def main(argv=None) -> int:
         group_size, group_why = s.group_size, ""
     log(f"model {model_dir}; W{s.bits}G{group_size}sym" + (f" ({group_why})" if group_why else ""))
 
-    variants, refusals, quant_times = build_variants(model_dir, s, group_size, work)
-    variants = [v for v in variants if not v.perf or v.name in args.formats]
+    variants, refusals, quant_times = build_variants(model_dir, s, group_size, work, resume=args.resume)
+    variants = [v for v in variants if not v.perf or v.name.split("-")[0] in args.formats]
+
+    windows = None
+    if s.quality:
+        from transformers import AutoTokenizer
+
+        from offline_tuner.text_data import token_windows, wikipedia_text
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        windows = token_windows(tokenizer, wikipedia_text("evaluation"), s.eval_windows, s.eval_seq_len, seed=None)
+
+    for r in range(s.repeats):  # rounds: every variant once per round, so a slow spell hits all of them
+        for v in variants:
+            if v.ckpt is None or "export" in v.errors or (r > 0 and not v.perf):
+                continue  # quantization or export failed: nothing to serve; untimed variants: one round
+            v.round = r
+            loads.sample()
+            measure_round(v, s, work, log_dir, windows, args.resume)
+            log(f"{v.tag}: done; errors: {v.errors or 'none'}")
     for v in variants:
+        if v.rounds:
+            aggregate_rounds(v)
         if v.ckpt is not None and v.ckpt.exists():
             v.results["disk_bytes"] = safetensors_bytes(v.ckpt)
 
-    from transformers import AutoTokenizer
+    ppl_bf16_tf = None
+    if s.quality:
+        log("scoring greedy completions with the bf16 model (transformers)")
+        ppl_bf16_tf = judge(model_dir, variants, windows)
+    loads.sample()
 
-    from offline_tuner.text_data import token_windows, wikipedia_text
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = token_windows(tokenizer, wikipedia_text("evaluation"), s.eval_windows, s.eval_seq_len, seed=None)
-
-    for v in variants:
-        if v.errors:  # quantization or export failed: nothing to serve
-            continue
-        run_dir = work / "runs" / v.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob("*.json"):
-            stale.unlink()
-        loads.append(os.getloadavg()[0])
-        offline_session(v, s, run_dir, log_dir)
-        loads.append(os.getloadavg()[0])
-        served_phase(v, s, run_dir, log_dir, windows)
-        log(f"{v.name}: done; errors: {v.errors or 'none'}")
-
-    log("scoring greedy completions with the bf16 model (transformers)")
-    ppl_bf16_tf = judge(model_dir, variants, windows)
-    loads.append(os.getloadavg()[0])
-
-    info = {"machine": machine(), "command": shlex.join(["python", "benchmarks/serving.py", *argv]),
+    info = {"machine": benchlib.machine_info(("vllm", "torch", "transformers")), "command": shlex.join(["python", "benchmarks/serving.py", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": time.perf_counter() - t_start,
-            "load_min": min(loads), "load_max": max(loads), "group_size": group_size,
+            "load_min": min(loads.seen), "load_max": max(loads.seen), "group_size": group_size,
             "ppl_bf16_transformers": ppl_bf16_tf, "work": str(work), "quantize_seconds": quant_times,
             "tiny": args.tiny}
     info["plots"] = plot(variants, s, results_dir / name)

@@ -58,7 +58,7 @@ def test_tiny_benchmark_runs_and_every_cell_is_filled(tiny_run):
     assert not failures, f"failed steps: {json.dumps(failures, indent=1)}\n\n{report}"
     assert done.returncode == 0, done.stderr[-4000:]
     tables = markdown_tables(report)
-    assert len(tables) == 4, f"expected 4 tables (weights, offline, online, bit widths):\n{report}"
+    assert len(tables) == 5, f"expected 5 tables (weights, offline, online, ratios, bit widths):\n{report}"
     for header, rows in tables:
         assert rows, f"table {header} has no rows"
         for row in rows:
@@ -68,18 +68,22 @@ def test_tiny_benchmark_runs_and_every_cell_is_filled(tiny_run):
             failed = [h for h, c in zip(header, row) if "FAILED" in c]
             assert not failed, f"failed cells {failed} in row {row}"
     # One row per format in the first three tables (the online one per format and concurrency).
-    formats = ["bf16", "SignRound W4G128sym", "GPTQ W4G128sym", "AWQ W4G128sym"]
+    formats = ["bf16", "SignRound W4G128sym", "SignRound W4G128sym (vllm forced)", "GPTQ W4G128sym", "AWQ W4G128sym"]
     assert [r[0] for r in tables[0][1]] == formats
     assert [r[0] for r in tables[1][1]] == formats
     assert [r[0] for r in tables[2][1]] == formats
-    assert [r[0] for r in tables[3][1]] == ["16", "4", "3", "2"]
+    # ratios: every other format against bf16, GPTQ and AWQ
+    assert [(r[0], r[1]) for r in tables[3][1]][:3] == [("bf16", "vs GPTQ W4G128sym"), ("bf16", "vs AWQ W4G128sym"),
+                                                        ("SignRound W4G128sym", "vs bf16")]
+    assert all(re.fullmatch(r"\d+\.\d\dx", c) for r in tables[3][1] for c in r[2:])
+    assert [r[0] for r in tables[4][1]] == ["16", "4", "3", "2"]
     assert "python benchmarks/serving.py --tiny" in report
 
 
 def test_tiny_benchmark_numbers_are_sane(tiny_run):
     _, report, data, _ = tiny_run
     v = {x["name"]: x for x in data["variants"]}
-    for name in ("bf16", "signround", "gptq", "awq"):
+    for name in ("bf16", "signround", "signround-vllm", "gptq", "awq"):
         r = v[name]["results"]
         for bs, lat in r["latency"].items():
             assert lat["e2e_s"] > 0 and lat["prefill_s"] > 0, (name, bs, lat)
@@ -108,6 +112,29 @@ def test_tiny_benchmark_numbers_are_sane(tiny_run):
             r = x["results"]
             assert abs(r["ppl_served"] / r["ppl_reference"] - 1) < 0.03, (name, r["ppl_served"], r["ppl_reference"])
     assert re.search(r"\| 3 \| SignRound W3G128sym \|.*refused by export: GPTQ", report)
+
+
+def test_tiny_benchmark_chooses_and_forces_kernels(tiny_run):
+    v = {x["name"]: x["results"] for x in tiny_run[2]["variants"]}
+    assert v["signround"]["kernels"].startswith("cpu_int4")
+    assert "vllm (CPUWNA16LinearKernel)" in v["signround-vllm"]["kernels"]
+    assert "cpu_int4" not in v["signround-vllm"]["kernels"]
+    assert v["signround-W3G128sym"]["kernels"].startswith("cpu_int4")
+
+
+def test_tiny_benchmark_resumes_without_measuring_again(tiny_run):
+    _, _, data, out = tiny_run
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serving.py"), "--tiny", "--resume", "--name", "resumed",
+           "--results", str(out / "results"), "--work", str(out / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "quantizing" not in done.stderr and "starting `" not in done.stderr  # no checkpoint, no engine
+    resumed = json.loads((out / "results" / "resumed.json").read_text())
+    before = {x["name"]: x["results"] for x in data["variants"]}
+    for x in resumed["variants"]:
+        r = x["results"]
+        assert r.get("latency") == before[x["name"]].get("latency"), x["name"]
+        assert r.get("serve") == before[x["name"]].get("serve"), x["name"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed: no plots")
