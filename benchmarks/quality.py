@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.benchlib import machine  # noqa: E402
+from benchmarks import benchlib  # noqa: E402
+from benchmarks.benchlib import machine, run_logged, write_report  # noqa: E402
 from signround_vllm.checkpoint import dequantized_state_dict  # noqa: E402
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig  # noqa: E402
 from offline_tuner.default_model import cache_root, prepare_default_model  # noqa: E402
@@ -43,7 +43,7 @@ SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpe
 
 
 def log(msg: str) -> None:
-    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    benchlib.log("quality", msg)
 
 
 def perplexities(model, windows: dict) -> dict:
@@ -69,19 +69,6 @@ def ensure_autoround_venv() -> Path:
     subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, stdout=sys.stderr)
     stamp.write_text(" ".join(pins))
     return python
-
-
-def run_timed(cmd: list[str], log_path: Path) -> float:
-    """Run cmd with output into log_path; wall seconds of the whole process (imports included)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{cmd[0]} exited with {done.returncode}; log {log_path}:\n{tail}")
-    return seconds
 
 
 def load_fake_quantized(model, weights_file: Path):
@@ -114,7 +101,8 @@ def main(argv=None) -> int:
                    help="storage of SignRound's activation streams between blocks (default float32)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
-    p.add_argument("--out", help="also write the markdown report to this file")
+    p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
+    p.add_argument("--out", help="also write the markdown report to this .md file (and its numbers beside it, .json)")
     p.add_argument("--work", default=str(cache_root() / "bench-quality"))
     args = p.parse_args(argv)
 
@@ -124,7 +112,7 @@ def main(argv=None) -> int:
     iters = args.iters if args.iters is not None else tune.iters
     batch = args.batch_size or tune.batch_size
     calib = Calibration(args.n_samples or calib.n_samples, args.seq_len or calib.seq_len)
-    t_start, loads = time.perf_counter(), [os.getloadavg()[0]]
+    t_start, loads = time.perf_counter(), benchlib.LoadWatch()
     model_dir = prepare_default_model(progress=log)
     ar_python = ensure_autoround_venv() if args.autoround else None
     work = Path(args.work)
@@ -166,8 +154,8 @@ def main(argv=None) -> int:
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
                 label, cmd, run_file, load_weights = tools[key]
                 log(" ".join(cmd))
-                loads.append(os.getloadavg()[0])
-                wall = run_timed(cmd, work / "logs" / f"{run_file.parent.name}.log")
+                loads.sample()
+                wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
                 run = json.loads(run_file.read_text())
                 row[key] = perplexities(load_weights(), windows)
                 row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
@@ -175,12 +163,14 @@ def main(argv=None) -> int:
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
             turn += 1
             rows.append(row)
-    loads.append(os.getloadavg()[0])
+    loads.sample()
     report = render(args, argv, base, rows, calib, iters, batch, loads, time.perf_counter() - t_start)
     print(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report + "\n")
+        out = Path(args.out)
+        payload = {"machine": benchlib.machine_info(("torch", "transformers")), "bf16": base, "runs": rows,
+                   "iters": iters, "batch_size": batch, "calibration": [calib.n_samples, calib.seq_len]}
+        write_report(out.parent, out.stem, report, payload)  # <out>.md and the numbers in <out>.json
     return 0
 
 
@@ -196,7 +186,7 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
     lines = [
         f"# Quality: SmolLM2-135M-Instruct, round-to-nearest vs SignRound" + (f" vs {ar_tool}" if ar_tool else ""),
         "",
-        f"Machine: {machine()}; 1-min load average seen {min(loads):.1f} to {max(loads):.1f} "
+        f"Machine: {machine(('torch', 'transformers'))}; {loads.describe()} "
         f"(above 2 means other jobs shared the 2 cores). Date: {time.strftime('%Y-%m-%d %H:%M')}; "
         f"wall time {seconds / 60:.0f} min.",
         f"Command: `{command}`",

@@ -13,13 +13,17 @@ w = (q - zero) * scale is held as offset = (8 - zero) * scale. Per call, by the 
 The threshold comes from the table `benchmarks/cpu_kernel_table.py` prints (its figures are in
 benchmarks/results/cpu-kernel-table.md) and lives only here.
 
-Numerics. The kernel takes the table in the activation dtype: with bf16 activations the fp16
-scale is rounded to bf16, and so is the offset. Each weight then differs from the exact
-(q - zero) * scale by at most about 2^-9 * 15 * scale (a thirtieth of a quantization step),
-the size of bf16's own rounding of the weight. The tile path reads the same table and computes
-each weight in float32, rounding it once to the activation dtype. `exact=True` keeps the table in float32 and
-always takes the tile path: every weight then equals the format's dequantized weight rounded
-once to the activation dtype (slower at decode; the `cpu_int4_exact` candidate).
+Numerics. The kernel takes the table in the activation dtype, so with bf16 activations the fp16
+scale is rounded to bf16 (relative error up to 2^-8), and so is the offset. 2- and 3-bit layers and
+symmetric 4-bit ones are stored as q - zero + 8 (it fits in 4 bits), so their offset is exactly 0
+and each weight is within 2^-8 of its size of the exact (q - zero) * scale, as bf16's own rounding
+of the weight is. Asymmetric 4-bit layers keep offset = (8 - zero) * scale, corrected for the
+scale's rounding at the middle of the integer range: each weight is then within
+(|q - 7.5| + |offset| / scale) * 2^-8 <= 1/16 of a quantization step. The tile path reads the same
+table and computes each weight in float32, rounding it once to the activation dtype.
+`exact=True` keeps the table in float32 and always takes the tile path: every weight then equals
+the format's dequantized weight rounded once to the activation dtype (slower at decode; the
+`cpu_int4_exact` candidate).
 
 2- and 3-bit layers use the same kernel with their integers in 4-bit containers (exact).
 Layers whose group size is -1 (per channel) are held with groups of the largest of 256, 128,
