@@ -168,6 +168,30 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [clean(header), "|" + "---|" * len(header), *(clean(r) for r in rows)]
 
 
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def bar_chart(ax, names: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    """Grouped bars: one group per name, one bar per series (a missing value draws as 0)."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, vals) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [0 if x is None else x for x in vals], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def write_report(folder: Path, name: str, markdown: str, payload: dict | None = None) -> list[Path]:
     """<folder>/<name>.md and, with a payload, <name>.json (numbers for scripts); the paths written."""
     folder.mkdir(parents=True, exist_ok=True)

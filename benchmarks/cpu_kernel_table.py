@@ -10,11 +10,13 @@ W4 group 128 asymmetric) and each M, the median time per call of:
 
 Weight copies rotate so each path reads more than twice the last-level cache per round (no call
 finds its weights in cache); the paths are interleaved within each repetition, so a slow spell of
-the machine hits all of them. The threshold `cpu_int4.INT4PACK_MAX_ROWS` is the largest M up to
-which int4pack beats tiles on the model's layers together (summed once per block); the table prints
-the value found and the one in the code.
+the machine hits all of them. The threshold `cpu_int4.INT4PACK_MAX_ROWS[threads]` is the largest M up
+to which int4pack beats tiles on the model's layers together (summed once per block); the table
+prints the value found and the one in the code for the threads it ran with.
 
     python benchmarks/cpu_kernel_table.py --out benchmarks/results/cpu-kernel-table.md
+    python benchmarks/cpu_kernel_table.py --threads 1 --m 1,2,4,8,16,32,64,96,128 --reps 3 \
+        --out benchmarks/results/cpu-kernel-table-1-thread.md
 """
 from __future__ import annotations
 
@@ -149,11 +151,13 @@ def render(args, shapes, ms, times, found: int) -> str:
               "|---|---|---|---|---|---|---|"]
     for m in ms:
         total = {p: sum(times[(name, m)].get(p, float("nan")) for name, _, _ in shapes) for p in PATHS}
-        chosen = total["int4pack"] if m <= cpu_int4.INT4PACK_MAX_ROWS else total["tiles"]
+        chosen = total["int4pack"] if m <= cpu_int4.max_rows_for(torch.get_num_threads()) else total["tiles"]
         lines.append(f"| {m} | " + " | ".join(f"{total[p] * 1e6:.0f}" for p in PATHS)
                      + f" | {total['bf16'] / chosen:.2f}x | {total['cpuwna16'] / chosen:.2f}x |")
     lines += ["", f"Threshold from this table: int4pack up to M = {found} (largest measured M at which it beats "
-              f"tiles at every M up to it); `cpu_int4.INT4PACK_MAX_ROWS` = {cpu_int4.INT4PACK_MAX_ROWS}.", ""]
+              f"tiles at every M up to it); in the code for {torch.get_num_threads()} thread(s): "
+              f"{cpu_int4.max_rows_for(torch.get_num_threads())} (`cpu_int4.INT4PACK_MAX_ROWS` = "
+              f"{cpu_int4.INT4PACK_MAX_ROWS}).", ""]
     return "\n".join(lines)
 
 
@@ -164,9 +168,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--min-seconds", type=float, default=0.1, help="per path per repetition")
     ap.add_argument("--no-vllm", action="store_true", help="leave out vLLM's CPUWNA16 kernel")
+    ap.add_argument("--threads", type=int, help="torch threads (default: as torch starts; vLLM's CPU worker on a "
+                                                 "2-core machine reserves one core and runs on 1 thread)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ms = [int(v) for v in args.m.split(",")]
     shapes = layer_shapes(args.shape)
     times: dict[tuple[str, int], dict[str, float]] = {}

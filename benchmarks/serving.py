@@ -766,26 +766,13 @@ def _bits_row(bits: str, v: Variant, name: str, gptq: str, awq: str, s: Settings
 
 def plot(variants: list[Variant], s: Settings, out_prefix: Path) -> list[str]:
     """Bar charts of tokens/s and of latency per format; [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchlib.pyplot()
+    if plt is None:
         log("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     perf = [v for v in variants if v.perf]
     names = [v.label for v in perf]
-
-    def bars(ax, series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
-        width = 0.8 / max(len(series), 1)
-        for i, (label, vals) in enumerate(series.items()):
-            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
-            ax.bar(xs, [0 if x is None else x for x in vals], width, label=label)
-        ax.set_xticks(range(len(names)), names, rotation=15)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+    bars = lambda ax, series, ylabel, title: benchlib.bar_chart(ax, names, series, ylabel, title)  # noqa: E731
 
     tok = {"offline output tok/s": [v.results.get("throughput", {}).get("output_tokens_per_s") for v in perf]}
     for c in s.concurrencies:
@@ -970,11 +957,11 @@ def main(argv=None) -> int:
             "tiny": args.tiny}
     info["plots"] = plot(variants, s, results_dir / name)
     report = render_report(model_desc, s, group_why, variants, refusals, info)
-    (results_dir / f"{name}.md").write_text(report)
     payload = {"settings": dataclasses.asdict(s), "info": info, "export_answers": refusals,
                "variants": [{"name": v.name, "label": v.label, "bits": v.bits, "checkpoint": str(v.ckpt),
-                             "perf": v.perf, "results": v.results, "errors": v.errors} for v in variants]}
-    (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+                             "perf": v.perf, "env": v.env, "results": v.results, "errors": v.errors}
+                            for v in variants]}
+    benchlib.write_report(results_dir, name, report, payload)
     print(report)
     log(f"wrote {results_dir / (name + '.md')} and {name}.json in {info['wall_s'] / 60:.1f} min")
     failed = [v.name for v in variants if any(not m.startswith("refused by export") for m in v.errors.values())]

@@ -5,13 +5,13 @@ The weights are held once, in the layout of `torch.ops.aten._weight_int4pack_mm_
 (scale, offset) per group. That kernel computes w = (q - 8) * scale + offset, so our
 w = (q - zero) * scale is held as offset = (8 - zero) * scale. Per call, by the batch rows M:
 
-  M <= INT4PACK_MAX_ROWS   the int4-pack kernel (reads 4 bits per weight: 3-5x faster than a
+  M <= threshold          the int4-pack kernel (reads 4 bits per weight: 3-5x faster than a
                            bf16 GEMM at M = 1 on a 2-core Zen 4, slower from M = 16 on)
-  M >  INT4PACK_MAX_ROWS   the same packed weights dequantized tile by tile (a few MiB at a time)
+  M >  threshold          the same packed weights dequantized tile by tile (a few MiB at a time)
                            into a bf16/fp16 GEMM, which is compute-bound there
 
-The threshold comes from the table `benchmarks/cpu_kernel_table.py` prints (its figures are in
-benchmarks/results/cpu-kernel-table.md) and lives only here.
+The threshold (`INT4PACK_MAX_ROWS`, by torch threads) comes from the table
+`benchmarks/cpu_kernel_table.py` prints (benchmarks/results/cpu-kernel-table*.md) and lives only here.
 
 Numerics. The kernel takes the table in the activation dtype, so with bf16 activations the fp16
 scale is rounded to bf16 (relative error up to 2^-8), and so is the offset. 2- and 3-bit layers and
@@ -43,11 +43,19 @@ ACT_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 64  # the layout stores output columns in blocks of 64 (a tail of N % 64 columns apart)
 TILE_BYTES = 4 << 20  # dequantized tile size for the GEMM path
 
-# Largest batch rows M for which the int4-pack kernel beats dequantize-tiles + GEMM. Measured by
-# `python benchmarks/cpu_kernel_table.py` on a 2-core AMD EPYC (Zen 4), torch 2.13 CPU, bf16, group
-# 128, at the 1B shape's layers (2048x2560, 2048x2048, 2048x11264, 5632x2048); see
-# benchmarks/results/cpu-kernel-table.md. Re-measure on a different machine and change it here only.
-INT4PACK_MAX_ROWS = 96
+# Largest batch rows M for which the int4-pack kernel beats dequantized tiles + GEMM, by the torch
+# threads of the process (the kernel is compute-bound where bf16 GEMMs are bandwidth-bound, so
+# the crossover moves with threads). Measured by `python benchmarks/cpu_kernel_table.py --threads T`
+# on a 2-core AMD EPYC (Zen 4), torch 2.13 CPU, bf16, group 128, at Llama-3.2-1B's layer shapes
+# (benchmarks/results/cpu-kernel-table*.md). vLLM's CPU worker there runs on 1 thread (it reserves
+# one of the two cores). Re-measure on a different machine and change it here only.
+INT4PACK_MAX_ROWS = {1: 32, 2: 96}
+
+
+def max_rows_for(threads: int) -> int:
+    """The threshold measured at the largest thread count <= threads (the smallest one below it)."""
+    measured = sorted(INT4PACK_MAX_ROWS)
+    return INT4PACK_MAX_ROWS[max([t for t in measured if t <= threads] or measured[:1])]
 
 
 def kernel_group_size(spec: LayerQuantSpec, in_features: int) -> int | None:
@@ -143,7 +151,7 @@ def _compiled_dequantize():
 
         logging.getLogger("vllm.signround").warning(
             "SignRound int4-pack tiles: torch.compile failed (%s: %s); dequantizing in eager mode (slower "
-            "for batches above %d rows)", type(e).__name__, str(e).splitlines()[0][:200], INT4PACK_MAX_ROWS)
+            "for batches above the int4-pack kernel's rows)", type(e).__name__, str(e).splitlines()[0][:200])
         return _dequantize_blocks
 
 

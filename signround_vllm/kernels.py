@@ -209,7 +209,7 @@ class CpuInt4Pack:
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
-        self.max_rows = 0 if self.exact else cpu_int4.INT4PACK_MAX_ROWS
+        self.max_rows = 0 if self.exact else cpu_int4.max_rows_for(torch.get_num_threads())
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:

@@ -93,7 +93,7 @@ def test_operator_is_compile_safe():
     packed = random_layer(spec, 64, 128, seed=3)
     w = cpu_int4.to_int4pack(packed, torch.bfloat16)
     x = torch.randn(5, 128).to(torch.bfloat16)
-    args = (x, w.packed, w.scale_offset, None, w.group_size, cpu_int4.INT4PACK_MAX_ROWS)
+    args = (x, w.packed, w.scale_offset, None, w.group_size, cpu_int4.max_rows_for(2))
     torch.library.opcheck(torch.ops.signround.int4pack_linear, args)
     f = torch.compile(lambda x: torch.ops.signround.int4pack_linear(x, *args[1:]), fullgraph=True, backend="eager")
     assert torch.equal(f(x), torch.ops.signround.int4pack_linear(*args))
@@ -108,3 +108,9 @@ def test_what_the_kernel_cannot_hold_is_named():
     assert not ok and "takes groups of [32, 64, 128, 256]" in why
     assert cpu_int4.kernel_group_size(LayerQuantSpec(4, -1, False), 384) == 128
     assert cpu_int4.layout_understood()
+
+
+def test_threshold_follows_the_threads_it_was_measured_with():
+    table = cpu_int4.INT4PACK_MAX_ROWS
+    assert cpu_int4.max_rows_for(1) == table[1] and cpu_int4.max_rows_for(2) == table[2]
+    assert cpu_int4.max_rows_for(64) == table[max(table)]  # beyond the table: the largest measured

@@ -43,6 +43,14 @@ def test_served_tokens_match_dequantized_bf16(tiny_model, tmp_path, bits, sym):
     assert_same_greedy_as(ckpt, deq)
 
 
+def test_exact_cpu_path_serves_through_dequantized_tiles(tiny_model, tmp_path, monkeypatch):
+    """SIGNROUND_KERNEL=cpu_int4_exact: every forward goes through the tile path (the one `cpu_int4` takes
+    for large batches), with float32 scales; served tokens and log-probabilities are the dequantized model's."""
+    monkeypatch.setenv("SIGNROUND_KERNEL", "cpu_int4_exact")
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, LayerQuantSpec(4, 32, False))
+    assert_same_greedy_as(ckpt, deq)
+
+
 def assert_same_greedy_as(ckpt, reference, out=None):
     """The checkpoint's greedy tokens are the reference's (up to near-ties), with close log-probabilities.
 
