@@ -52,6 +52,16 @@ TILE_BYTES = 4 << 20  # dequantized tile size for the GEMM path
 INT4PACK_MAX_ROWS = {1: 32, 2: 96}
 
 
+def int4pack_kernel_usable() -> tuple[bool, str | None]:
+    """Whether the int4-pack kernel may run inside vLLM here. On CPUs with AMX tiles it is not: PyTorch's
+    kernel leaves the tile registers released, and vLLM's AMX prefill attention, which keeps its tile
+    configuration between calls, then faults (the worker dies with SIGILL; seen with torch 2.13 and
+    vLLM 0.32 on a Xeon with AMX, for any batch size). There the layers use the tile path only."""
+    if torch.cpu._is_amx_tile_supported():
+        return False, "this CPU has AMX, where the int4-pack kernel breaks vLLM's AMX attention (SIGILL)"
+    return True, None
+
+
 def max_rows_for(threads: int) -> int:
     """The threshold measured at the largest thread count <= threads (the smallest one below it)."""
     measured = sorted(INT4PACK_MAX_ROWS)

@@ -209,7 +209,8 @@ class CpuInt4Pack:
 
     def __init__(self, geometry: LayerGeometry):
         self.g = geometry
-        self.max_rows = 0 if self.exact else cpu_int4.max_rows_for(torch.get_num_threads())
+        usable, self.kernel_off_reason = cpu_int4.int4pack_kernel_usable()
+        self.max_rows = 0 if self.exact or not usable else cpu_int4.max_rows_for(torch.get_num_threads())
 
     @staticmethod
     def can_implement(g: LayerGeometry) -> tuple[bool, str | None]:
@@ -222,6 +223,8 @@ class CpuInt4Pack:
     def describe(self) -> str:
         if self.exact:
             return "dequantized tiles (float32 scales) + GEMM at every batch size"
+        if self.max_rows == 0:
+            return f"dequantized tiles + GEMM at every batch size (int4-pack kernel off: {self.kernel_off_reason})"
         return f"int4-pack kernel up to {self.max_rows} rows, dequantized tiles + GEMM beyond"
 
     def prepare(self, layer) -> None:
