@@ -133,8 +133,8 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
         linears = {n: block.get_submodule(n) for n in layer_plans}
         fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets
         if i < work.done_blocks:
-            packed = {n: _read_packed(writer, f"{block_name}.{n}", lp.spec) for n, lp in layer_plans.items()}
-            writer.written.update(name for n, p in packed.items() for name in p.tensors(f"{block_name}.{n}"))
+            packed = {n: _read_packed(writer, lp.name, lp.spec) for n, lp in layer_plans.items()}
+            writer.written.update(name for n, p in packed.items() for name in p.tensors(layer_plans[n].name))
         else:
             t0 = time.perf_counter()
 
@@ -151,7 +151,7 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
             packed = {n: pack_linear(q, s, z, specs[n])
                       for n, (q, s, z) in block_integers(linears, specs, result.tunables).items()}
             for n, p in packed.items():
-                writer.write_all(p.tensors(f"{block_name}.{n}"))
+                writer.write_all(p.tensors(layer_plans[n].name))
             writer.sync()  # on disk before the state says so
             log = BlockLog(block=i, rtn_loss=result.final_rtn_loss, tuned_loss=result.final_tuned_loss,
                            best_iter=result.best_iter, seconds=time.perf_counter() - t0,

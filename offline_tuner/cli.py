@@ -116,6 +116,16 @@ def cmd_model_prepare(args) -> int:
     return 0
 
 
+def cmd_model_tiny(args) -> int:
+    from offline_tuner.default_model import make_tiny_model, prepare_default_model
+
+    path = make_tiny_model(Path(args.out), seed=args.seed, num_layers=args.layers, family=args.family,
+                           tokenizer_from=prepare_default_model(progress=log))
+    log(f"random tiny {args.family} model (SmolLM2's tokenizer) written to {path}; its outputs are noise, "
+        f"for trying the tools end to end")
+    return 0
+
+
 def tuning_from_args(args):
     """(TuneSettings, Calibration) from --recipe plus any single-field flags."""
     import dataclasses
@@ -238,10 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signround", description="SignRound quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="the embedded default model").add_subparsers(dest="model_command", required=True)
+    model = sub.add_parser("model", help="the embedded default model, random tiny models").add_subparsers(dest="model_command", required=True)
     prep = model.add_parser("prepare", help="convert the SmolLM2-135M-Instruct GGUF into a transformers folder (once)")
     prep.add_argument("--out", help="output folder (default: .cache/models/SmolLM2-135M-Instruct)")
     prep.set_defaults(func=cmd_model_prepare)
+    from offline_tuner.default_model import TINY_FAMILIES
+
+    tiny = model.add_parser("tiny", help="write a random tiny model of a family (dense or mixture-of-experts) "
+                                         "to try the tools end to end")
+    tiny.add_argument("--family", choices=sorted(TINY_FAMILIES), default="llama")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--out", required=True, help="output folder")
+    tiny.set_defaults(func=cmd_model_tiny)
 
     q = sub.add_parser("quantize", help="quantize a transformers causal LM into a SignRound checkpoint")
     q.add_argument("model", help="model folder, a hub id already in the local Hugging Face cache (nothing is "

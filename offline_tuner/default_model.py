@@ -191,7 +191,7 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-# Random tiny models of each dense decoder family the tests cover: transformers model type and the
+# Random tiny models of each decoder family the tests cover: transformers model type and the
 # settings that make each family's peculiarities visible at tiny sizes (a sliding window shorter than
 # the calibration windows, per-layer-type rotary settings, soft-capping). Test fixtures only: the
 # tuner itself reads the structure from the model.
@@ -203,7 +203,14 @@ TINY_FAMILIES: dict[str, tuple[str, dict]] = {
     "phi3": ("phi3", {}),  # fused qkv_proj and gate_up_proj in the checkpoint itself
     "gemma2": ("gemma2", {"sliding_window": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
     "gemma3": ("gemma3_text", {"sliding_window": 16}),  # rope theta 1e4 sliding, 1e6 global (defaults)
+    # Mixtures of experts: 4 experts, 2 per token (transformers 5 holds them as [experts, out, in]).
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                "decoder_sparse_step": 1, "norm_topk_prob": True}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),  # experts of intermediate size
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                "shared_expert_intermediate_size": 128}),  # a gated shared expert
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 def make_tiny_model(out_dir: Path, seed: int = 0, num_layers: int = 2, hidden: int = 128,

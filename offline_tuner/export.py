@@ -393,6 +393,10 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     layers, rest = split_packed_layers(load_tensors(ckpt), config, str(ckpt))
     if not layers:
         raise ExportError(f"{ckpt} holds no quantized layers; nothing to export")
+    experts = sorted(n for n in layers if ".experts." in n)
+    if experts:
+        raise ExportError(f"{ckpt} holds mixture-of-experts layers ({_list_names(experts)}); exporting them to "
+                          f"{fmt} is not built yet (the signround method serves them: vllm serve {ckpt})")
     unquantized = unquantized_linear_names(rest, config)
     counts = Counter(p.spec.short_name() for p in layers.values())
     say(f"read {len(layers)} quantized layers ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}) "

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from signround_vllm.shards import DTYPES_BY_NAME
 from offline_tuner.errors import TunerInputError
+from offline_tuner.stored_layout import StoredLayout, stored_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -27,6 +28,7 @@ class ModelSource:
     path: Path
     hf_config: object  # transformers PretrainedConfig
     files: dict[str, Path]  # tensor name -> safetensors file holding it
+    layout: StoredLayout | None = None  # set by check_names: where each parameter is stored
     _handles: dict[Path, object] = dataclasses.field(default_factory=dict, repr=False)
 
     def _handle(self, file: Path):
@@ -45,6 +47,10 @@ class ModelSource:
 
     def tensor_names(self) -> list[str]:
         return list(self.files)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The stored shape of a tensor (read from the header)."""
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The stored dtype of a tensor (read from the header)."""
@@ -67,22 +73,52 @@ class ModelSource:
         model.eval().requires_grad_(False)
         return model
 
-    def check_names(self, model: torch.nn.Module) -> None:
-        """Every tensor the model holds must be stored under its own name (transformers renames some
-        families' weights while loading them; those are refused rather than half-read)."""
-        expected = set(model.state_dict()) - tied_parameter_names(model)
-        missing = sorted(n for n in expected if n not in self.files and not _is_buffer(model, n))
+    def check_names(self, model: torch.nn.Module) -> StoredLayout:
+        """Find every tensor the model holds in the files, under its own name or, for families that
+        transformers renames or fuses while loading, under its stored name(s); refuse what is missing or
+        does not fit. Sets and returns `self.layout`."""
+        tied = tied_parameter_names(model)
+        names = [n for n in model.state_dict() if n not in tied]
+        layout = stored_layout(model, names)
+        missing = sorted(p.stored for n in names for p in layout.pieces[n]
+                         if p.stored not in self.files and not _is_buffer(model, n))
         if missing:
             raise TunerInputError(f"{self.path}: the weights lack {len(missing)} tensors the model needs, e.g. "
                                   f"{missing[:3]}; the files are incomplete or store them under other names")
+        state = model.state_dict(keep_vars=True)
+        for name in names:
+            width = state[name].shape[-1] if state[name].dim() >= 2 else 1
+            for p in layout.pieces[name]:
+                if p.stored not in self.files:
+                    continue
+                shape = self.shape_of(p.stored)
+                fits = (int(torch.Size(shape).numel()) == p.rows * width
+                        and (state[name].dim() < 2 or (len(shape) >= 2 and shape[-1] == width)))
+                if not fits:
+                    raise TunerInputError(f"{self.files[p.stored].name}: tensor {p.stored} has shape {list(shape)}, "
+                                          f"which does not fit the model's {name} {list(state[name].shape)} "
+                                          f"({p.rows} rows of {width}); the files do not match config.json")
+        self.layout = layout
+        return layout
+
+    def read_param(self, name: str, model: torch.nn.Module) -> torch.Tensor:
+        """An in-memory parameter, assembled from its stored pieces (read as is when stored whole)."""
+        if self.layout is None:
+            self.check_names(model)
+        pieces = self.layout.pieces[name]
+        shape = model.get_parameter(name).shape
+        if len(pieces) == 1:
+            return self.read(pieces[0].stored).reshape(shape)
+        rows = [self.read(p.stored).reshape(p.rows, -1) for p in pieces]  # in row order, covering every row
+        return torch.cat(rows).reshape(shape)
 
     def materialize(self, model: torch.nn.Module, names: list[str]) -> None:
         """Read the parameters `names` (full dotted names) from the files into the model."""
         tied = tied_parameter_names(model)
         for name in names:
             param = model.get_parameter(name)
-            stored = name if name not in tied else _tied_source(model)
-            _set_parameter(model, name, self.read(stored).to(param.dtype))
+            value = self.read_param(name if name not in tied else _tied_source(model), model)
+            _set_parameter(model, name, value.to(param.dtype))
 
     def materialize_module(self, model: torch.nn.Module, module_name: str) -> torch.nn.Module:
         """Read one module's parameters (its children's too) from the files; returns the module."""

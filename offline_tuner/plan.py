@@ -14,14 +14,30 @@ import torch
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError
 from offline_tuner.architecture import DecoderBlocks, find_decoder_blocks
 from offline_tuner.errors import TunerInputError
+from offline_tuner.model_source import tied_parameter_names
+from offline_tuner.stored_layout import StoredLayout, row_count, stored_layout
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    name: str  # checkpoint module name, e.g. "model.layers.3.self_attn.q_proj"
+    """One quantized layer: a stored weight matrix [out_features, in_features], packed under `name`.
+
+    Its weights are rows [row_start, row_start + out_features) of the in-memory parameter `param`
+    viewed as [-1, in_features]: the whole weight of an `nn.Linear`, or one expert's projection inside
+    a fused expert parameter ([experts, out, in], as transformers 5 holds mixture-of-experts weights).
+    """
+
+    name: str  # checkpoint module name, e.g. "model.layers.3.self_attn.q_proj", "...experts.5.gate_proj"
     spec: LayerQuantSpec
     in_features: int
     out_features: int
+    param: str  # in-memory parameter, e.g. "model.layers.3.self_attn.q_proj.weight", "...experts.gate_up_proj"
+    row_start: int = 0
+
+    @property
+    def whole_linear(self) -> bool:
+        """True when the layer is an `nn.Linear` stored under its own name (the case block tuning handles)."""
+        return self.param == f"{self.name}.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,66 +45,154 @@ class QuantPlan:
     config: SignRoundConfig
     layers: Mapping[str, LayerPlan]  # every layer to quantize, by checkpoint module name, in model order
     blocks: DecoderBlocks | None  # None when the model's blocks were not needed (round-to-nearest)
+    layout: StoredLayout  # where each in-memory parameter is stored
+    routers: tuple[str, ...] = ()  # checkpoint module names of mixture-of-experts routers, kept unquantized
 
     def block_layers(self, index: int) -> dict[str, LayerPlan]:
-        """The layers of decoder block `index`, by their name inside the block ("self_attn.q_proj")."""
+        """The layers of decoder block `index`, by module name inside the block ("self_attn.q_proj")."""
         prefix = self.blocks.prefix(index)
-        return {name[len(prefix):]: lp for name, lp in self.layers.items() if name.startswith(prefix)}
+        return {lp.param[len(prefix):].removesuffix(".weight"): lp for lp in self.layers.values()
+                if lp.param.startswith(prefix)}
 
     def layers_outside_blocks(self) -> list[str]:
         if self.blocks is None:
             return list(self.layers)
-        return [n for n in self.layers if not n.startswith(self.blocks.path + ".")]
+        return [n for n, lp in self.layers.items() if not lp.param.startswith(self.blocks.path + ".")]
+
+    def layer_of_stored(self, stored_name: str) -> LayerPlan | None:
+        """The planned layer whose weight is the stored tensor `stored_name`, if any."""
+        return self.layers.get(stored_name.removesuffix(".weight")) if stored_name.endswith(".weight") else None
 
 
-def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool) -> QuantPlan:
-    """Decide every layer's spec and check that each can be stored and, when `tuning`, tuned."""
+def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
+                 layout: StoredLayout | None = None) -> QuantPlan:
+    """Decide every layer's spec and check that each can be stored and, when `tuning`, tuned.
+
+    `layout` (from ModelSource.check_names) says where each parameter is stored; computed when not given.
+    """
+    if layout is None:
+        tied = tied_parameter_names(model)
+        layout = stored_layout(model, [n for n in model.state_dict() if n not in tied])
+    params = dict(model.named_parameters())
+    experts = _expert_parameters(model)
+    routers = _routers(model, experts)
     layers: dict[str, LayerPlan] = {}
     problems: list[str] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
+    for param in list(_linear_weights(model)) + list(experts):
+        if _owner_module(param) in routers:
             continue
-        spec = config.spec_for(name)
-        if spec is None:
+        if param not in layout.pieces:  # tied to the input embedding: stored once, as the embedding
+            if config.spec_for(_owner_module(param)) is not None:
+                problems.append(f"{_owner_module(param)} shares its weight with the input embedding (tied "
+                                f"embeddings); it can only stay unquantized")
             continue
-        try:
-            spec.check_in_features(mod.in_features, name)
-        except SignRoundFormatError as e:
-            problems.append(str(e))
-            continue
-        layers[name] = LayerPlan(name, spec, mod.in_features, mod.out_features)
+        in_features = params[param].shape[-1]
+        per_expert = row_count(params[param].shape) // params[param].shape[0] if param in experts else None
+        specs = {}
+        for piece in layout.pieces[param]:
+            name = piece.stored.removesuffix(".weight") if piece.stored.endswith(".weight") else _owner_module(param)
+            spec = specs[name] = config.spec_for(name)
+            if spec is None:
+                continue
+            if per_expert is not None and (piece.start // per_expert != (piece.stop - 1) // per_expert
+                                           or not piece.stored.endswith(".weight")):
+                problems.append(f"{param} ({type(model.get_submodule(_owner_module(param))).__name__}, shape "
+                                f"{list(params[param].shape)}) is stored as {piece.stored}, not as one weight per "
+                                f"expert, which is what vLLM's expert loaders read")
+                continue
+            try:
+                spec.check_in_features(in_features, name)
+            except SignRoundFormatError as e:
+                problems.append(str(e))
+                continue
+            layers[name] = LayerPlan(name, spec, in_features, piece.rows, param, piece.start)
+        if len(set(specs.values())) > 1:
+            detail = ", ".join(f"{n}: {s.short_name() if s else 'unquantized'}" for n, s in list(specs.items())[:6])
+            problems.append(f"{param} holds {len(specs)} stored weights that vLLM loads as one fused tensor, so they "
+                            f"need the same settings; found {detail}{' ...' if len(specs) > 6 else ''}")
     if problems:
         raise TunerInputError("cannot quantize these layers with the requested settings:\n  " +
                               "\n  ".join(problems) + "\n(keep them unquantized with --keep-unquantized, "
                               "or choose a group size that divides their in_features)")
-    _refuse_weights_left_behind(model, config)
+    router_names = tuple(_checkpoint_module(layout, r) for r in sorted(routers))
+    _refuse_weights_left_behind(model, set(_linear_weights(model)) | set(experts) | set(routers_params(model, routers)))
+    overridden_routers = sorted(set(config.layer_overrides) & set(router_names))
+    if overridden_routers:
+        raise TunerInputError(f"--layer-override names mixture-of-experts routers {overridden_routers[:3]}; routers "
+                              f"stay unquantized (they decide which experts run)")
     unknown = sorted(set(config.layer_overrides) - set(layers))
     if unknown:
         raise TunerInputError(f"--layer-override names modules that are not quantized linear layers of this model: "
-                              f"{unknown[:5]}; give full module names such as model.layers.0.mlp.down_proj")
+                              f"{unknown[:5]}; give full module names as stored in the checkpoint, such as "
+                              f"model.layers.0.mlp.down_proj or model.layers.0.mlp.experts.0.down_proj")
     blocks = find_decoder_blocks(model) if tuning else None
-    plan = QuantPlan(config, layers, blocks)
+    plan = QuantPlan(config, layers, blocks, layout, router_names)
     if tuning:
         outside = plan.layers_outside_blocks()
         if outside:
             raise TunerInputError(f"layers outside the decoder blocks cannot be tuned: {outside[:5]}; "
                                   f"list them in --keep-unquantized or use --iters 0")
+        untunable = [n for n, lp in layers.items() if not lp.whole_linear]
+        if untunable:
+            raise TunerInputError(f"SignRound tuning of weights that are not whole linear layers (mixture-of-experts "
+                                  f"experts, or weights stored under other names) is not built yet: {untunable[:3]}"
+                                  f"{' ...' if len(untunable) > 3 else ''}; quantize this model with --iters 0 "
+                                  f"(round-to-nearest)")
     return plan
 
 
-def _refuse_weights_left_behind(model: torch.nn.Module, config: SignRoundConfig) -> None:
-    """Matrices that are neither linear layers nor embeddings would silently stay in full precision
-    (for example the 3-D expert weights of mixture-of-experts models): refuse them up front."""
+def _owner_module(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def _linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _expert_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """3-D parameters [experts, out, in] of modules that are not linear layers: fused expert weights."""
+    return {f"{n}.{pn}" if n else pn: p for n, m in model.named_modules() if not isinstance(m, torch.nn.Linear)
+            for pn, p in m.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def _routers(model: torch.nn.Module, experts: Mapping[str, torch.nn.Parameter]) -> set[str]:
+    """Module names of the routers of each mixture-of-experts block: the siblings of its experts module
+    whose own matrix has one output per expert (the router `gate`) or a single output (a shared-expert gate)."""
+    found = set()
+    for param_name, param in experts.items():
+        experts_module = _owner_module(param_name)
+        block = _owner_module(experts_module)
+        for child_name, child in model.get_submodule(block).named_children():
+            full = f"{block}.{child_name}" if block else child_name
+            if full != experts_module and any(p.dim() == 2 and p.shape[0] in (param.shape[0], 1)
+                                              for p in child.parameters(recurse=False)):
+                found.add(full)
+    return found
+
+
+def routers_params(model: torch.nn.Module, routers: set[str]) -> list[str]:
+    return [f"{r}.{pn}" for r in routers for pn, _ in model.get_submodule(r).named_parameters(recurse=False)]
+
+
+def _checkpoint_module(layout: StoredLayout, module: str) -> str:
+    """The stored module name of an in-memory module (Mixtral's mlp.gate is stored as block_sparse_moe.gate)."""
+    pieces = layout.pieces.get(f"{module}.weight")
+    return pieces[0].stored.removesuffix(".weight") if pieces else module
+
+
+def _refuse_weights_left_behind(model: torch.nn.Module, handled: set[str]) -> None:
+    """Matrices that are neither linear layers, expert weights, routers nor embeddings would silently stay
+    in full precision: refuse them up front."""
     found = []
     for mod_name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+        if isinstance(mod, torch.nn.Embedding):
             continue
         for p_name, p in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.dim() >= 2 and config.spec_for(mod_name) is not None:
+            if p.dim() >= 2 and full not in handled:
                 found.append(f"{full} ({type(mod).__name__}, shape {list(p.shape)})")
     if found:
         raise TunerInputError(
-            f"{type(model).__name__} holds weights this version cannot quantize (they are not linear layers): "
-            f"{found[:3]}{' ...' if len(found) > 3 else ''}; mixture-of-experts weights are not supported yet. "
-            f"Keep such modules in full precision explicitly with --keep-unquantized, or use another model")
+            f"{type(model).__name__} holds weights this version cannot quantize (they are neither linear layers "
+            f"nor [experts, out, in] expert weights): {found[:3]}{' ...' if len(found) > 3 else ''}. Keep such "
+            f"modules in full precision explicitly with --keep-unquantized, or use another model")

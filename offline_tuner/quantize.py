@@ -54,21 +54,22 @@ def load_causal_lm(model_dir: str | os.PathLike, dtype: torch.dtype | str = "aut
     return model
 
 
-def output_layout(model, plan: QuantPlan, stored_dtype: Callable[[str], torch.dtype]) -> list[TensorEntry]:
-    """Every tensor of the checkpoint, in model order: each planned layer's packed tensors in place of its
-    weight, everything else as stored (tied output embeddings once, under the input embedding's name)."""
+def output_layout(model, plan: QuantPlan, source: ModelSource) -> list[TensorEntry]:
+    """Every tensor of the checkpoint, in model order, under its stored name: each planned layer's packed
+    tensors in place of its weight, everything else as stored (tied output embeddings once, under the
+    input embedding's name; buffers the files lack as the model holds them)."""
     entries = []
-    tied = tied_parameter_names(model)
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in tied:
-            continue
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer in plan.layers:
-            lp = plan.layers[layer]
-            entries += [TensorEntry(f"{layer}.{suffix}", dtype, shape) for suffix, (shape, dtype)
-                        in packed_tensor_specs(lp.in_features, lp.out_features, lp.spec, layer).items()]
-        else:
-            entries.append(TensorEntry(name, stored_dtype(name), tuple(t.shape)))
+    state = model.state_dict(keep_vars=True)
+    for param, pieces in plan.layout.pieces.items():
+        for piece in pieces:
+            lp = plan.layer_of_stored(piece.stored)
+            if lp is not None:
+                entries += [TensorEntry(f"{lp.name}.{suffix}", dtype, shape) for suffix, (shape, dtype)
+                            in packed_tensor_specs(lp.in_features, lp.out_features, lp.spec, lp.name).items()]
+            elif piece.stored in source.files:
+                entries.append(TensorEntry(piece.stored, source.dtype_of(piece.stored), source.shape_of(piece.stored)))
+            else:  # a buffer transformers computes (the files lack it)
+                entries.append(TensorEntry(param, state[param].dtype, tuple(state[param].shape)))
     return entries
 
 
@@ -82,18 +83,18 @@ def fill_remaining(writer: ShardedWriter, source: ModelSource, model, plan: Quan
                    progress: Progress | None = None) -> None:
     """Write every tensor not yet written, one at a time: planned layers rounded to nearest, the rest
     copied as stored (buffers the files lack come from the model)."""
-    tied = tied_parameter_names(model)
-    todo = [n for n in model.state_dict(keep_vars=True) if n not in tied]
-    for i, name in enumerate(todo):
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer in plan.layers:
-            if f"{layer}.{QWEIGHT}" in writer.written:
-                continue
-            lp = plan.layers[layer]
-            q, scale, zero = round_to_nearest_in_row_chunks(source.read(name), lp.spec)
-            writer.write_all(pack_linear(q, scale, zero, lp.spec).tensors(layer))
-        elif name not in writer.written:
-            writer.write(name, source.read(name) if name in source.files else model.get_buffer(name))
+    todo = [(param, piece) for param, pieces in plan.layout.pieces.items() for piece in pieces]
+    for i, (param, piece) in enumerate(todo):
+        lp = plan.layer_of_stored(piece.stored)
+        if lp is not None:
+            if f"{lp.name}.{QWEIGHT}" not in writer.written:
+                q, scale, zero = round_to_nearest_in_row_chunks(source.read(piece.stored), lp.spec)
+                writer.write_all(pack_linear(q, scale, zero, lp.spec).tensors(lp.name))
+        elif piece.stored in source.files:
+            if piece.stored not in writer.written:
+                writer.write(piece.stored, source.read(piece.stored))
+        elif param not in writer.written:
+            writer.write(param, model.get_buffer(param))
         if progress and ((i + 1) % 50 == 0 or i + 1 == len(todo)):
             progress(f"written: {i + 1}/{len(todo)} tensors")
 
@@ -172,9 +173,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     source = open_model(model_dir)
     model = source.empty_model()
     tuning = tune is not None and tune.iters > 0
-    plan = resolve_plan(model, config, tuning=tuning)
-    source.check_names(model)
-    layout = output_layout(model, plan, source.dtype_of)
+    plan = resolve_plan(model, config, tuning=tuning, layout=source.check_names(model))
+    config = dataclasses.replace(config, modules_to_not_convert=tuple(dict.fromkeys(
+        [*config.modules_to_not_convert, *plan.routers])))  # routers stay dense, and the checkpoint says so
+    layout = output_layout(model, plan, source)
     run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if events:

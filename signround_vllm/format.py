@@ -40,8 +40,17 @@ be a multiple of 32 and of G.
 
 ``layer_overrides`` maps a full module name (as in the checkpoint) to any of
 ``bits``, ``group_size``, ``sym``; missing keys take the defaults. A module whose
-name equals or starts with an entry of ``modules_to_not_convert`` followed by a
-dot is stored unquantized (``P.weight``).
+dotted name contains an entry of ``modules_to_not_convert`` as whole components
+(``lm_head``, ``model.layers.3``, ``experts``, ``model.layers.0.mlp.gate``) is
+stored unquantized (``P.weight``).
+
+Mixture-of-experts layers store each expert's projections as layers of their own,
+under the names the model's own checkpoint uses and vLLM's loaders read
+(``model.layers.L.mlp.experts.E.gate_proj``/``up_proj``/``down_proj``; Mixtral:
+``model.layers.L.block_sparse_moe.experts.E.w1``/``w3``/``w2``). vLLM runs all experts
+of a layer as one fused tensor for gate/up and one for down, so every expert of a
+layer has the same settings for gate and up, and the same for down. Routers
+(``mlp.gate``, ``mlp.shared_expert_gate``) are listed in ``modules_to_not_convert``.
 """
 from __future__ import annotations
 
@@ -134,8 +143,9 @@ class SignRoundConfig:
 
     def spec_for(self, module_name: str) -> LayerQuantSpec | None:
         """The spec of a module by checkpoint name, or None if it is kept unquantized."""
+        dotted = f".{module_name}."
         for skipped in self.modules_to_not_convert:
-            if module_name == skipped or module_name.startswith(skipped + ".") or module_name.endswith("." + skipped):
+            if f".{skipped}." in dotted:  # whole name components: "lm_head", "model.layers.3", "experts"
                 return None
         return self.layer_overrides.get(module_name, self.default)
 

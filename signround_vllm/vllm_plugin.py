@@ -1,6 +1,6 @@
 """The `signround` quantization method for vLLM.
 
-Three phases per linear layer, as in vLLM's own methods:
+Three phases per linear layer, as in vLLM's own methods (mixture-of-experts layers: `signround_vllm.moe`):
   create_weights                 declares the packed tensors of `signround_vllm.format`, tagged
                                  with input/output dims so fused and tensor-parallel loading shard them;
   process_weights_after_loading  hands the loaded tensors to the chosen kernel, which repacks once;
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import (
     LinearBase, LinearMethodBase, UnquantizedLinearMethod, register_weight_loader_v2_supported_method,
 )
@@ -119,6 +120,10 @@ class SignRoundVllmConfig(QuantizationConfig):
             if spec is None:
                 return UnquantizedLinearMethod()
             return SignRoundLinearMethod(spec, prefix, self.forced_kernel)
+        if isinstance(layer, RoutedExperts):
+            from signround_vllm.moe import moe_method
+
+            return moe_method(self.config, layer, prefix)
         return None
 
 

@@ -13,9 +13,19 @@ def geometry(bits, device="cpu", k=256, n=128, group_size=32, act_dtype=torch.bf
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cpu_layers_up_to_4_bits_use_the_int4_pack_kernel(bits):
+def test_cpu_layers_up_to_4_bits_use_the_int4_pack_kernel(bits, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     kernel = kernels.choose_kernel(geometry(bits))
     assert kernel.name == "cpu_int4" and "int4-pack kernel up to" in kernel.describe()
+    assert kernel.max_rows == kernels.cpu_int4.max_rows_for(torch.get_num_threads())
+
+
+def test_on_amx_cpus_the_int4_pack_kernel_stays_off(monkeypatch):
+    """PyTorch's int4-pack kernel releases the AMX tiles that vLLM's AMX attention keeps configured."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    kernel = kernels.choose_kernel(geometry(4))
+    assert kernel.name == "cpu_int4" and kernel.max_rows == 0
+    assert "int4-pack kernel off: this CPU has AMX" in kernel.describe()
 
 
 def test_cpu_layers_the_int4_pack_kernel_cannot_hold_go_to_vllms_kernel():

@@ -35,7 +35,7 @@ def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_pat
     source = open_model(tiny_random)
     model = source.empty_model()
     plan = resolve_plan(model, config, tuning=True)
-    layout = output_layout(model, plan, source.dtype_of)
+    layout = output_layout(model, plan, source)
     work = WorkFolder(tmp_path / "tuned", {"test": 1}, resume=False)
     writer = ShardedWriter(work.path, layout)
     logs, _ = tune_blocks(model, source, windows, plan, TuneSettings(iters=0, batch_size=2), writer, work, MemoryPeak(),

@@ -1,0 +1,201 @@
+"""Mixture-of-experts models: experts found and stored per expert under the checkpoint's own names,
+routers kept dense, settings uniform where vLLM fuses, and the packed experts served by vLLM as
+their own dequantized weights (tiny random Qwen3-MoE, Mixtral and Qwen2-MoE with a shared expert)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from offline_tuner.default_model import make_tiny_model
+from offline_tuner.errors import TunerInputError
+from offline_tuner.model_source import open_model
+from offline_tuner.quantize import load_causal_lm, quantize_checkpoint
+from signround_vllm.checkpoint import dequantized_state_dict, write_dequantized_copy
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig
+
+EXPERTS = 4
+# family -> (stored name of expert E's gate, up and down projections in layer L, router modules of layer L)
+NAMES = {
+    "qwen3_moe": ("model.layers.{L}.mlp.experts.{E}.{p}", ("gate_proj", "up_proj", "down_proj"),
+                  ["model.layers.{L}.mlp.gate"]),
+    "mixtral": ("model.layers.{L}.block_sparse_moe.experts.{E}.{p}", ("w1", "w3", "w2"),
+                ["model.layers.{L}.block_sparse_moe.gate"]),
+    "qwen2_moe": ("model.layers.{L}.mlp.experts.{E}.{p}", ("gate_proj", "up_proj", "down_proj"),
+                  ["model.layers.{L}.mlp.gate", "model.layers.{L}.mlp.shared_expert_gate"]),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {f: make_tiny_model(root / f, seed=3, family=f, vocab_size=512) for f in NAMES}
+
+
+def expert_name(family, layer, expert, which):
+    pattern, projections, _ = NAMES[family]
+    return pattern.format(L=layer, E=expert, p=projections[which])
+
+
+@pytest.mark.parametrize("family", sorted(NAMES))
+def test_fused_expert_parameters_are_read_from_their_stored_pieces(family, moe_models):
+    """transformers 5 fuses the stored per-expert weights into [experts, out, in] parameters; the
+    stored layout found by running its conversion rules backwards reassembles them exactly."""
+    source = open_model(moe_models[family])
+    model = source.empty_model()
+    layout = source.check_names(model)
+    loaded = load_causal_lm(moe_models[family])
+    gate_up = "model.layers.1.mlp.experts.gate_up_proj"
+    pieces = layout.pieces[gate_up]
+    assert [p.stored for p in pieces[:2]] == [expert_name(family, 1, 0, 0) + ".weight",
+                                              expert_name(family, 1, 0, 1) + ".weight"]
+    assert len(pieces) == 2 * EXPERTS and all(p.rows == pieces[0].rows for p in pieces)
+    for name in (gate_up, "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.gate.weight"):
+        assert torch.equal(source.read_param(name, model), loaded.get_parameter(name).data), name
+
+
+@pytest.mark.parametrize("family,spec", [("qwen3_moe", LayerQuantSpec(2, 32, False)),
+                                         ("mixtral", LayerQuantSpec(3, 64, True)),
+                                         ("qwen2_moe", LayerQuantSpec(8, -1, False))], ids=str)
+def test_round_to_nearest_packs_every_expert_and_keeps_routers_dense(family, spec, moe_models, tmp_path):
+    ckpt = quantize_checkpoint(moe_models[family], tmp_path / "q", SignRoundConfig(default=spec)).out_dir
+    config = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    routers = [r.format(L=layer) for layer in range(2) for r in NAMES[family][2]]
+    assert sorted(config["modules_to_not_convert"]) == sorted(["lm_head", *routers])
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        dense = sorted(n for n in names if n.endswith(".weight") and len(f.get_slice(n).get_shape()) >= 2)
+    assert dense == sorted(["model.embed_tokens.weight", *[f"{r}.weight" for r in routers]])
+    for layer in range(2):
+        for e in range(EXPERTS):
+            for which in range(3):
+                assert f"{expert_name(family, layer, e, which)}.qweight" in names
+    # The stored integers are each expert's own weights rounded to nearest: within half a step (a whole
+    # one where the symmetric grid, one level short on one side, clips), plus what storing the scale in
+    # float16 moves a weight (at most 2^bits * scale * 2^-11).
+    name = expert_name(family, 1, 2, 2)
+    scales = load_file(str(ckpt / "model.safetensors"))[name + ".scales"]
+    w = load_file(str(moe_models[family] / "model.safetensors"))[name + ".weight"].float()
+    step = scales.float().abs().t().repeat_interleave(spec.effective_group_size(w.shape[1]), dim=1)
+    error = (dequantized_state_dict(ckpt, torch.float32)[name + ".weight"] - w).abs()
+    assert (error <= step * ((1.0 if spec.sym else 0.5) + 2 ** spec.bits / 2048)).all()
+
+
+def test_experts_of_a_layer_must_share_settings_but_gate_up_and_down_may_differ(moe_models, tmp_path):
+    model_dir = moe_models["qwen3_moe"]
+    one_expert = {expert_name("qwen3_moe", 0, 1, 0): LayerQuantSpec(8, 32, False)}
+    with pytest.raises(TunerInputError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj holds 8 stored weights "
+                                              r"that vLLM loads as one fused tensor.*W8G32asym.*W4G32asym"):
+        quantize_checkpoint(model_dir, tmp_path / "bad", SignRoundConfig(default=LayerQuantSpec(4, 32, False),
+                                                                         layer_overrides=one_expert))
+    assert not (tmp_path / "bad").exists()
+    every_down = {expert_name("qwen3_moe", 0, e, 2): LayerQuantSpec(8, 32, False) for e in range(EXPERTS)}
+    ckpt = quantize_checkpoint(model_dir, tmp_path / "ok", SignRoundConfig(default=LayerQuantSpec(4, 32, False),
+                                                                         layer_overrides=every_down)).out_dir
+    assert sorted(json.loads((ckpt / "config.json").read_text())["quantization_config"]["layer_overrides"]) == \
+        sorted(every_down)
+
+
+def test_plugin_settings_check_names_the_layer():
+    from signround_vllm.moe import expert_specs
+
+    prefix = "model.layers.3.block_sparse_moe.experts"
+    base = LayerQuantSpec(4, 32, False)
+    uniform = SignRoundConfig(default=base, layer_overrides={f"{prefix}.{e}.w2": LayerQuantSpec(8, 32, False)
+                                                             for e in range(EXPERTS)})
+    assert expert_specs(uniform, prefix, EXPERTS) == (base, LayerQuantSpec(8, 32, False))
+    broken = SignRoundConfig(default=base, layer_overrides={f"{prefix}.2.w3": LayerQuantSpec(2, 32, False)})
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.block_sparse_moe\.experts: vLLM fuses the gate/up"):
+        expert_specs(broken, prefix, EXPERTS)
+    kept = SignRoundConfig(default=base, modules_to_not_convert=("lm_head", "experts"))
+    assert expert_specs(kept, prefix, EXPERTS) == (None, None)
+
+
+def test_missing_or_misshapen_expert_weight_is_refused_naming_it(moe_models, tmp_path):
+    import shutil
+
+    for case in ("missing", "shape"):
+        broken = tmp_path / case
+        shutil.copytree(moe_models["mixtral"], broken)
+        tensors = load_file(str(broken / "model.safetensors"))
+        name = expert_name("mixtral", 1, 3, 2) + ".weight"
+        if case == "missing":
+            del tensors[name]
+        else:
+            tensors[name] = tensors[name][:, :64].contiguous()
+        save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(TunerInputError, match=name.replace(".", r"\.")):
+            quantize_checkpoint(broken, tmp_path / f"out-{case}", SignRoundConfig(default=LayerQuantSpec(4, 32, False)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,spec", [("qwen3_moe", LayerQuantSpec(4, 32, False)),
+                                         ("mixtral", LayerQuantSpec(3, 64, True)),
+                                         ("qwen2_moe", LayerQuantSpec(2, 32, False)),
+                                         ("qwen3_moe", LayerQuantSpec(8, 64, True))], ids=str)
+def test_served_experts_equal_their_dequantized_weights(family, spec, moe_models, tmp_path):
+    """vLLM through the plugin (packed experts, dequantized once at load) against the same weights
+    written as a plain bf16 model; down projections at 8 bits while gate/up are not, for one family."""
+    from tests.test_vllm_plugin import assert_same_greedy_as
+
+    overrides = {}
+    if family == "qwen3_moe" and spec.bits == 4:
+        overrides = {expert_name(family, 1, e, 2): LayerQuantSpec(8, 32, False) for e in range(EXPERTS)}
+    ckpt = quantize_checkpoint(moe_models[family], tmp_path / "q",
+                               SignRoundConfig(default=spec, layer_overrides=overrides)).out_dir
+    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"))
+
+
+@pytest.mark.slow
+def test_checkpoint_with_a_missing_expert_is_refused_at_load(moe_models, tmp_path):
+    import shutil
+
+    from tests.vllm_utils import make_llm
+
+    ckpt = quantize_checkpoint(moe_models["qwen3_moe"], tmp_path / "q",
+                               SignRoundConfig(default=LayerQuantSpec(4, 32, False))).out_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    for suffix in ("qweight", "scales", "qzeros"):
+        del tensors[f"{expert_name('qwen3_moe', 1, 2, 1)}.{suffix}"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts: the checkpoint lacks expert tensors: "
+                                         r"up \(w3\) qweight of experts \[2\]"):
+        make_llm(broken)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
+def test_export_of_experts_is_refused_until_built(fmt, moe_models, tmp_path):
+    from offline_tuner.export import ExportError, export_checkpoint
+
+    ckpt = quantize_checkpoint(moe_models["mixtral"], tmp_path / "q",
+                               SignRoundConfig(default=LayerQuantSpec(4, 32, False))).out_dir
+    with pytest.raises(ExportError, match=r"mixture-of-experts layers \(model\.layers\.0\.block_sparse_moe\.experts\.0"
+                                          r"\.w1, .*not built yet"):
+        export_checkpoint(ckpt, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_experts_split_across_two_tensor_parallel_ranks(moe_models, tmp_path):
+    """Each rank loads half of every expert's intermediate size (gate/up split along their outputs, down
+    along its packed input rows and groups): TP=2 on CPU serves the dequantized weights' tokens."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from tests.test_vllm_plugin import MAX_TOKENS, PROMPTS, TP_SCRIPT, assert_same_greedy_as
+    from tests.vllm_utils import run_reporting_script
+
+    ckpt = quantize_checkpoint(moe_models["qwen2_moe"], tmp_path / "q",
+                               SignRoundConfig(default=LayerQuantSpec(3, 32, True))).out_dir
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    found, _ = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
+                                    ("TOKENS",), env, timeout=600)
+    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"), out=found["TOKENS"])
