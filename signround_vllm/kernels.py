@@ -170,10 +170,10 @@ class VllmMixedPrecision:
             layer.register_parameter("weight_zero_point", PackedvLLMParameter(
                 data=ct.weight_zero_point, input_dim=1, output_dim=0, packed_dim=0, packed_factor=ct.pack_factor,
                 weight_loader=no_reload))
+        # The zero-point name is given even for symmetric layers, as vLLM's compressed-tensors method gives
+        # it: CPUWNA16's W4A8 path (AMX CPUs) allocates implied zero points under it and fails without it.
         self.kernel = self.kernel_class(self._mp_config(self.g), w_q_param_name="weight_packed",
-                                        w_s_param_name="weight_scale",
-                                        w_zp_param_name="weight_zero_point" if ct.weight_zero_point is not None
-                                        else None)
+                                        w_s_param_name="weight_scale", w_zp_param_name="weight_zero_point")
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer, x, bias=None):
