@@ -155,6 +155,8 @@ def test_burst_of_mixed_requests(served_default_model):
     assert not failures, failures[:5]
     assert cancelled[0] > 0
     assert not mismatches, mismatches[:3]
-    assert ties[0] <= N_REQUESTS // 10, f"{ties[0]} near-tie divergences: too many to be rounding"
+    # How often batching flips a near-tie depends on the CPU's GEMMs: on a Xeon with AMX the dequantized bf16
+    # model itself diverged at 50 of these 200 requests (this checkpoint at 59); on a Zen 4 far fewer.
+    assert ties[0] <= N_REQUESTS * 2 // 5, f"{ties[0]} near-tie divergences: too many to be rounding"
     assert server.healthy()
     assert compare(send(server, *distinct[0]), alone[0]) in ("same", "tie")  # still serving after the burst

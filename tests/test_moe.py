@@ -182,20 +182,9 @@ def test_export_of_experts_is_refused_until_built(fmt, moe_models, tmp_path):
 def test_experts_split_across_two_tensor_parallel_ranks(moe_models, tmp_path):
     """Each rank loads half of every expert's intermediate size (gate/up split along their outputs, down
     along its packed input rows and groups): TP=2 on CPU serves the dequantized weights' tokens."""
-    import json
-    import os
-    import sys
-    from pathlib import Path
-
-    from tests.test_vllm_plugin import MAX_TOKENS, PROMPTS, TP_SCRIPT, assert_same_greedy_as
-    from tests.vllm_utils import run_reporting_script
+    from tests.test_vllm_plugin import assert_same_greedy_as, greedy_with_tensor_parallel_2
 
     ckpt = quantize_checkpoint(moe_models["qwen2_moe"], tmp_path / "q",
                                SignRoundConfig(default=LayerQuantSpec(3, 32, True))).out_dir
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    script = tmp_path / "tp.py"
-    script.write_text(TP_SCRIPT)
-    found, _ = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
-                                    ("TOKENS",), env, timeout=600)
-    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"), out=found["TOKENS"])
+    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"),
+                          out=greedy_with_tensor_parallel_2(ckpt, tmp_path))

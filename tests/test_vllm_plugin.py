@@ -111,13 +111,18 @@ if __name__ == "__main__":
 def test_tensor_parallel_2_matches_single_rank(tiny_model, tmp_path, spec):
     """Row- and column-parallel shards of packed tensors load correctly (TP=2 on CPU)."""
     ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
+    assert_same_greedy_as(ckpt, deq, out=greedy_with_tensor_parallel_2(ckpt, tmp_path))
+
+
+def greedy_with_tensor_parallel_2(ckpt, tmp_path):
+    """Greedy tokens and log-probabilities of PROMPTS from `ckpt` served with tensor_parallel_size=2 on CPU."""
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_ENABLE_V1_MULTIPROCESSING="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     script = tmp_path / "tp.py"
     script.write_text(TP_SCRIPT)
     found, _ = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS), str(MAX_TOKENS)],
                                     ("TOKENS",), env, timeout=600)
-    assert_same_greedy_as(ckpt, deq, out=found["TOKENS"])
+    return found["TOKENS"]
 
 
 COMPILED_SCRIPT = r"""
