@@ -77,9 +77,8 @@ class ModelSource:
         """Find every tensor the model holds in the files, under its own name or, for families that
         transformers renames or fuses while loading, under its stored name(s); refuse what is missing or
         does not fit. Sets and returns `self.layout`."""
-        tied = tied_parameter_names(model)
-        names = [n for n in model.state_dict() if n not in tied]
-        layout = stored_layout(model, names)
+        layout = model_stored_layout(model)
+        names = list(layout.pieces)
         missing = sorted(p.stored for n in names for p in layout.pieces[n]
                          if p.stored not in self.files and not _is_buffer(model, n))
         if missing:
@@ -156,6 +155,12 @@ def tied_parameter_names(model) -> set[str]:
     if out is None:
         return set()
     return {n + ".weight" for n, m in model.named_modules() if m is out}
+
+
+def model_stored_layout(model) -> StoredLayout:
+    """Where each of the model's parameters and buffers is stored (tied ones are stored once, elsewhere)."""
+    tied = tied_parameter_names(model)
+    return stored_layout(model, [n for n in model.state_dict() if n not in tied])
 
 
 def _tied_source(model) -> str:

@@ -14,8 +14,8 @@ import torch
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError
 from offline_tuner.architecture import DecoderBlocks, find_decoder_blocks
 from offline_tuner.errors import TunerInputError
-from offline_tuner.model_source import tied_parameter_names
-from offline_tuner.stored_layout import StoredLayout, row_count, stored_layout
+from offline_tuner.model_source import model_stored_layout
+from offline_tuner.stored_layout import StoredLayout, row_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +70,14 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
 
     `layout` (from ModelSource.check_names) says where each parameter is stored; computed when not given.
     """
-    if layout is None:
-        tied = tied_parameter_names(model)
-        layout = stored_layout(model, [n for n in model.state_dict() if n not in tied])
+    layout = layout or model_stored_layout(model)
     params = dict(model.named_parameters())
+    linear_weights = _linear_weights(model)
     experts = _expert_parameters(model)
     routers = _routers(model, experts)
     layers: dict[str, LayerPlan] = {}
     problems: list[str] = []
-    for param in list(_linear_weights(model)) + list(experts):
+    for param in [*linear_weights, *experts]:
         if _owner_module(param) in routers:
             continue
         if param not in layout.pieces:  # tied to the input embedding: stored once, as the embedding
@@ -115,7 +114,7 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
                               "\n  ".join(problems) + "\n(keep them unquantized with --keep-unquantized, "
                               "or choose a group size that divides their in_features)")
     router_names = tuple(_checkpoint_module(layout, r) for r in sorted(routers))
-    _refuse_weights_left_behind(model, set(_linear_weights(model)) | set(experts) | set(routers_params(model, routers)))
+    _refuse_weights_left_behind(model, {*linear_weights, *experts, *_router_params(model, routers)})
     overridden_routers = sorted(set(config.layer_overrides) & set(router_names))
     if overridden_routers:
         raise TunerInputError(f"--layer-override names mixture-of-experts routers {overridden_routers[:3]}; routers "
@@ -170,7 +169,7 @@ def _routers(model: torch.nn.Module, experts: Mapping[str, torch.nn.Parameter]) 
     return found
 
 
-def routers_params(model: torch.nn.Module, routers: set[str]) -> list[str]:
+def _router_params(model: torch.nn.Module, routers: set[str]) -> list[str]:
     return [f"{r}.{pn}" for r in routers for pn, _ in model.get_submodule(r).named_parameters(recurse=False)]
 
 
