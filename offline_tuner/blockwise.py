@@ -14,6 +14,7 @@ folder, which are also the resume state: a resumed run replays the finished bloc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -44,6 +45,39 @@ class BlockLog:
     best_iter: int
     seconds: float
     fell_back_to_rtn: bool
+    # Mixture-of-experts blocks: calibration tokens the full-precision model routes to each expert, by the
+    # experts' stored module name; the experts that got none keep round-to-nearest.
+    expert_tokens: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def experts_without_tokens(self) -> dict[str, list[int]]:
+        return {name: [e for e, c in enumerate(counts) if c == 0] for name, counts in self.expert_tokens.items()
+                if 0 in counts}
+
+
+class ExpertTokenCounter:
+    """Counts the tokens a block's routers send to each expert while the block runs, read from the arguments
+    of its experts modules (transformers 5 calls them as experts(hidden_states, top_k_index, top_k_weights))."""
+
+    def __init__(self, block: torch.nn.Module, expert_params: dict[str, torch.Tensor]):
+        self.counts: dict[str, torch.Tensor] = {}  # experts module name in the block -> tokens per expert
+        self._hooks = []
+        for module_name in dict.fromkeys(n.rpartition(".")[0] for n in expert_params):
+            n_experts = next(p.shape[0] for n, p in expert_params.items() if n.rpartition(".")[0] == module_name)
+            self._hooks.append(block.get_submodule(module_name).register_forward_pre_hook(
+                functools.partial(self._count, module_name, n_experts), with_kwargs=True))
+
+    def _count(self, module_name, n_experts, module, args, kwargs) -> None:
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        if not isinstance(index, torch.Tensor) or index.is_floating_point():
+            return  # an experts module called some other way: no counts, so no expert is singled out
+        index = index.reshape(-1).cpu()
+        index = index[(index >= 0) & (index < n_experts)]  # ids past the last expert mark dropped slots
+        counts = torch.bincount(index, minlength=n_experts)
+        self.counts[module_name] = self.counts.get(module_name, 0) + counts
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
 
 
 class WorkFolder:
@@ -127,14 +161,19 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
     blocks = plan.blocks
     for i in range(len(blocks)):
         block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
-        layer_plans = plan.block_layers(i)
+        params = plan.block_params(i)
         block = source.materialize_module(model, block_name).to(device=device, dtype=torch.float32)
         memory.sample()
-        linears = {n: block.get_submodule(n) for n in layer_plans}
-        fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets
+        weights = {n: block.get_parameter(n) for n in params}
+        experts = {n: p for n, p in weights.items() if p.dim() == 3}
+        counter = ExpertTokenCounter(block, experts)
+        try:
+            fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets
+        finally:
+            counter.close()
         if i < work.done_blocks:
-            packed = {n: _read_packed(writer, lp.name, lp.spec) for n, lp in layer_plans.items()}
-            writer.written.update(name for n, p in packed.items() for name in p.tensors(layer_plans[n].name))
+            packed = {lp.name: _read_packed(writer, lp.name, lp.spec) for lps in params.values() for lp in lps}
+            writer.written.update(name for layer, p in packed.items() for name in p.tensors(layer))
         else:
             t0 = time.perf_counter()
 
@@ -145,17 +184,26 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
                     events(Event("iteration", {"block": _i, "n_blocks": len(blocks), "iteration": it,
                                                "iters": settings.iters, "loss": loss}))
 
-            specs = {n: lp.spec for n, lp in layer_plans.items()}
-            result: BlockResult = tune_block(block, linears, specs, streams.q, streams.fp, kwargs, settings,
-                                             generator_seed=settings.seed * 1000 + i, progress=on_iter)
-            packed = {n: pack_linear(q, s, z, specs[n])
-                      for n, (q, s, z) in block_integers(linears, specs, result.tunables).items()}
-            for n, p in packed.items():
-                writer.write_all(p.tensors(layer_plans[n].name))
+            specs = {n: lps[0].spec for n, lps in params.items()}  # the plan gives one spec per parameter
+            expert_tokens = {n: counter.counts[n.rpartition(".")[0]] for n in experts
+                             if n.rpartition(".")[0] in counter.counts}
+            keep_rtn_rows = {n: (c == 0).repeat_interleave(weights[n].shape[1]) for n, c in expert_tokens.items()}
+            result: BlockResult = tune_block(block, weights, specs, streams.q, streams.fp, kwargs, settings,
+                                             generator_seed=settings.seed * 1000 + i, progress=on_iter,
+                                             keep_rtn_rows=keep_rtn_rows)
+            packed = {}
+            for n, (q, s, z) in block_integers(weights, specs, result.tunables).items():
+                for lp in params[n]:
+                    rows = slice(lp.row_start, lp.row_stop)
+                    packed[lp.name] = pack_linear(q[rows], s[rows], z[rows] if z is not None else None, lp.spec)
+            for layer, p in packed.items():
+                writer.write_all(p.tensors(layer))
             writer.sync()  # on disk before the state says so
             log = BlockLog(block=i, rtn_loss=result.final_rtn_loss, tuned_loss=result.final_tuned_loss,
                            best_iter=result.best_iter, seconds=time.perf_counter() - t0,
-                           fell_back_to_rtn=result.fell_back_to_rtn)
+                           fell_back_to_rtn=result.fell_back_to_rtn,
+                           expert_tokens={_experts_stored_name(params[n]): [int(c) for c in counts]
+                                          for n, counts in expert_tokens.items()})
             del result
             work.block_done(log)
             if events:
@@ -166,18 +214,28 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
                 note = "  (tuning did not beat round-to-nearest: kept round-to-nearest)" if log.fell_back_to_rtn else ""
                 progress(f"block {i + 1}/{len(blocks)}: loss round-to-nearest {log.rtn_loss:.3e} -> "
                          f"SignRound {log.tuned_loss:.3e} ({change:.0f}% lower), {log.seconds:.1f} s{note}")
+                for name, idle in log.experts_without_tokens().items():
+                    progress(f"  {name}: experts {idle} got no calibration tokens and keep round-to-nearest")
         # The quantized stream goes on through the stored weights, exactly as a server will see them.
         with torch.no_grad():
-            for n, lin in linears.items():
-                lin.weight.copy_(dequantize_packed(packed[n]))
+            for n, lps in params.items():
+                rows = weights[n].view(-1, weights[n].shape[-1])
+                for lp in lps:
+                    rows[lp.row_start:lp.row_stop].copy_(dequantize_packed(packed[lp.name]))
         q_finite = run_block_in_place(block, streams.q, kwargs, settings.batch_size, autocast)
         if not (q_finite and fp_finite):
             raise TunerInputError(f"block {i}: non-finite activations after quantization; the model's weights or "
                                   f"calibration data contain NaN/Inf")
         memory.sample()
         release(model, [f"{block_name}.{n}" for n, _ in block.named_parameters()])
-        del packed, linears
+        del packed, weights, experts
         return_freed_memory()
+
+
+def _experts_stored_name(layers) -> str:
+    """The stored module holding a fused expert weight's experts: "model.layers.3.mlp.experts" for the layers
+    "model.layers.3.mlp.experts.E.gate_proj"."""
+    return layers[0].name.rsplit(".", 2)[0]
 
 
 def _read_packed(writer: ShardedWriter, layer: str, spec) -> PackedLinear:

@@ -7,7 +7,7 @@ Two kinds of report, defined once here:
 
 Event kinds emitted by the tuner: `run_started`, `iteration` (block, iteration, iters, loss),
 `block_done` (block, n_blocks, rtn_loss, tuned_loss, best_iter, seconds, fell_back_to_rtn,
-peak_anon_bytes), `run_finished` (out_dir, seconds, layers, shards, peak memory).
+expert_tokens (mixture-of-experts blocks: tokens routed to each expert), peak_anon_bytes), `run_finished` (out_dir, seconds, layers, shards, peak memory).
 """
 from __future__ import annotations
 

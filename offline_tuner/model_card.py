@@ -51,6 +51,11 @@ def model_card(base_model: str, config: SignRoundConfig, layers: Mapping[str, ob
             kept = sum(b["fell_back_to_rtn"] for b in blocks)
             lines.append(f"| block loss vs round-to-nearest | {100 * sum(gains) / max(len(gains), 1):.0f}% lower "
                          f"on average over {len(blocks)} blocks ({kept} kept round-to-nearest) |")
+            routed = [c for b in blocks for counts in b.get("expert_tokens", {}).values() for c in counts]
+            if routed:
+                lines.append(f"| experts | {len(routed)}, each tuned on the calibration tokens routed to it "
+                             f"(fewest {min(routed)}, most {max(routed)}); {routed.count(0)} got none and kept "
+                             f"round-to-nearest |")
     lines += [f"| time | {run_log.get('seconds', 0):.0f} s |", "",
               "Perplexity: not measured when the checkpoint was made (signround-vllm's `benchmarks/quality.py` "
               "measures it against round-to-nearest and bf16).",

@@ -35,9 +35,8 @@ class LayerPlan:
     row_start: int = 0
 
     @property
-    def whole_linear(self) -> bool:
-        """True when the layer is an `nn.Linear` stored under its own name (the case block tuning handles)."""
-        return self.param == f"{self.name}.weight"
+    def row_stop(self) -> int:
+        return self.row_start + self.out_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +47,15 @@ class QuantPlan:
     layout: StoredLayout  # where each in-memory parameter is stored
     routers: tuple[str, ...] = ()  # checkpoint module names of mixture-of-experts routers, kept unquantized
 
-    def block_layers(self, index: int) -> dict[str, LayerPlan]:
-        """The layers of decoder block `index`, by module name inside the block ("self_attn.q_proj")."""
+    def block_params(self, index: int) -> dict[str, tuple[LayerPlan, ...]]:
+        """The quantized parameters of decoder block `index`, by name inside the block ("self_attn.q_proj.weight",
+        "mlp.experts.gate_up_proj"), each with the stored layers it holds, in row order."""
         prefix = self.blocks.prefix(index)
-        return {lp.param[len(prefix):].removesuffix(".weight"): lp for lp in self.layers.values()
-                if lp.param.startswith(prefix)}
+        found: dict[str, list[LayerPlan]] = {}
+        for lp in self.layers.values():
+            if lp.param.startswith(prefix):
+                found.setdefault(lp.param[len(prefix):], []).append(lp)
+        return {name: tuple(sorted(lps, key=lambda lp: lp.row_start)) for name, lps in found.items()}
 
     def layers_outside_blocks(self) -> list[str]:
         if self.blocks is None:
@@ -131,12 +134,6 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
         if outside:
             raise TunerInputError(f"layers outside the decoder blocks cannot be tuned: {outside[:5]}; "
                                   f"list them in --keep-unquantized or use --iters 0")
-        untunable = [n for n, lp in layers.items() if not lp.whole_linear]
-        if untunable:
-            raise TunerInputError(f"SignRound tuning of weights that are not whole linear layers (mixture-of-experts "
-                                  f"experts, or weights stored under other names) is not built yet: {untunable[:3]}"
-                                  f"{' ...' if len(untunable) > 3 else ''}; quantize this model with --iters 0 "
-                                  f"(round-to-nearest)")
     return plan
 
 

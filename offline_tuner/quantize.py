@@ -143,6 +143,9 @@ def calibration_windows(model_dir, calibration: Calibration, seed: int) -> torch
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise TunerInputError(f"{model_dir}: no usable tokenizer for calibration ({e})") from None
+    if len(tokenizer) < 2:  # transformers builds an empty tokenizer from the config when the files are missing
+        raise TunerInputError(f"{model_dir}: no usable tokenizer for calibration (the folder has no tokenizer "
+                              f"files such as tokenizer.json); copy the tokenizer of the model it came from into it")
     try:
         return token_windows(tokenizer, text, calibration.n_samples, calibration.seq_len, seed=seed)
     except ValueError as e:

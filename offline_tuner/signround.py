@@ -5,10 +5,13 @@ inputs, the full-precision targets and a frozen `TuneSettings`. `BlockwiseTuner`
 is the driver: it captures the first block's inputs once, tunes each block in
 turn, and feeds the next block the outputs of the already quantized blocks.
 
-Per linear layer with weight w [N, K] and group size G the tunables are
-  rounding_offset  [N, K]       in [-0.5, 0.5], start 0
-  max_scale        [N, K // G]  in [0, 1], start 1 (clips the group max)
-  min_scale        [N, K // G]  in [0, 1], start 1 (clips the group min)
+Tuned weights are parameters of the block: a linear layer's [N, K] weight or a mixture-of-experts
+block's fused [experts, N, K] expert weight, quantized row by row in groups of G along K (so every
+expert of a fused weight gets its own groups). Viewing a weight as R = numel / K rows, the tunables are
+  rounding_offset  [R, K]       in [-0.5, 0.5], start 0
+  max_scale        [R, K // G]  in [0, 1], start 1 (clips the group max)
+  min_scale        [R, K // G]  in [0, 1], start 1 (clips the group min)
+Experts are tuned through the block's own routing: an expert that no token reaches gets no gradient.
 """
 from __future__ import annotations
 
@@ -71,10 +74,18 @@ class LayerTunables:
 
     @classmethod
     def initial(cls, weight: torch.Tensor, spec: LayerQuantSpec, device) -> "LayerTunables":
-        n, k = weight.shape
+        k = weight.shape[-1]
+        n = weight.numel() // k
         groups = k // spec.effective_group_size(k)
         return cls(torch.zeros(n, k, device=device), torch.ones(n, groups, device=device),
                    torch.ones(n, groups, device=device))
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Back to round-to-nearest on the rows selected by the boolean mask `rows` [R]."""
+        with torch.no_grad():
+            self.rounding_offset[rows] = 0.0
+            self.max_scale[rows] = 1.0
+            self.min_scale[rows] = 1.0
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.rounding_offset, self.max_scale, self.min_scale]
@@ -85,7 +96,7 @@ class LayerTunables:
 
 @dataclasses.dataclass
 class BlockResult:
-    tunables: dict[str, LayerTunables]  # by linear name inside the block
+    tunables: dict[str, LayerTunables]  # by parameter name inside the block
     rtn_loss: float  # loss with zero offsets and no clipping (round-to-nearest)
     best_loss: float  # best loss seen during tuning (on its batch)
     final_rtn_loss: float  # on a fixed evaluation batch: round-to-nearest
@@ -102,8 +113,8 @@ def block_output(out) -> torch.Tensor:
 def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
                       tunables: Mapping[str, LayerTunables] | None,
                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Fake-quantized weight of each tuned linear, keyed `<name>.weight`: computed in float32, handed over
-    in `dtype` (bf16 where the block's matmuls run in bf16 anyway, so no float32 copy is kept)."""
+    """Fake-quantized value of each tuned parameter, by its name: computed in float32, handed over in
+    `dtype` (bf16 where the block's matmuls run in bf16 anyway, so no float32 copy is kept)."""
     out = {}
     for name, w in weights.items():
         t = tunables[name] if tunables is not None else None
@@ -114,12 +125,13 @@ def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, L
             w_dq = checkpoint(_dequantized_weight, w, specs[name], *args, dtype, use_reentrant=False)
         else:
             w_dq = _dequantized_weight(w, specs[name], *args, dtype)
-        out[f"{name}.weight"] = w_dq
+        out[name] = w_dq
     return out
 
 
 def _dequantized_weight(w, spec, rounding_offset, max_scale, min_scale, dtype) -> torch.Tensor:
-    return quantize_weight(w, spec, rounding_offset, max_scale, min_scale)[0].to(dtype)
+    rows = w.reshape(-1, w.shape[-1])
+    return quantize_weight(rows, spec, rounding_offset, max_scale, min_scale)[0].to(dtype).reshape(w.shape)
 
 
 def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
@@ -143,17 +155,21 @@ def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
+def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
                inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict, settings: TuneSettings,
-               generator_seed: int, progress: Callable[[int, float], None] | None = None) -> BlockResult:
-    """Tune one block. inputs/targets: [n_samples, seq, hidden], in memory or memory-mapped, any float dtype;
-    each batch is moved to the block's device in float32.
+               generator_seed: int, progress: Callable[[int, float], None] | None = None,
+               keep_rtn_rows: Mapping[str, torch.Tensor] | None = None) -> BlockResult:
+    """Tune one block. params: the block's weights to quantize, by parameter name inside the block
+    ("self_attn.q_proj.weight", "mlp.experts.gate_up_proj"). inputs/targets: [n_samples, seq, hidden], in
+    memory or memory-mapped, any float dtype; each batch is moved to the block's device in float32.
+    keep_rtn_rows: per parameter, a boolean mask of rows that keep round-to-nearest whatever the tuning
+    found (the experts no calibration token was routed to).
 
     The block's own weights are left untouched; the result holds the best tunables seen.
     """
     t0 = time.perf_counter()
-    device = next(iter(linears.values())).weight.device
-    weights = {name: lin.weight.detach().float() for name, lin in linears.items()}
+    device = next(iter(params.values())).device
+    weights = {name: p.detach().float() for name, p in params.items()}
     tunables = {name: LayerTunables.initial(w, specs[name], device) for name, w in weights.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
@@ -213,6 +229,8 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
 
     for h in hooks:
         h.remove()
+    for name, rows in (keep_rtn_rows or {}).items():
+        best[name].reset_rows(rows.to(device))
     with torch.no_grad():
         final_rtn = float(loss_on(eval_idx, None))
         final_tuned = float(loss_on(eval_idx, best)) if settings.iters else final_rtn
@@ -227,9 +245,10 @@ def tune_block(block: torch.nn.Module, linears: Mapping[str, torch.nn.Linear], s
 
 
 @torch.no_grad()
-def block_integers(linears: Mapping[str, torch.nn.Linear], specs: Mapping[str, LayerQuantSpec],
+def block_integers(params: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
                    tunables: Mapping[str, LayerTunables]) -> dict[str, tuple]:
-    """The integers to store for each linear of a tuned block: name -> (q, scale, zero)."""
-    return {name: quantize_weight_to_ints(lin.weight.detach().float(), specs[name],
+    """The integers to store for each tuned parameter of a block, by name: (q [R, K], scale, zero), with the
+    parameter viewed as R rows of K."""
+    return {name: quantize_weight_to_ints(p.detach().float().reshape(-1, p.shape[-1]), specs[name],
                                           *tunables[name].tensors())
-            for name, lin in linears.items()}
+            for name, p in params.items()}

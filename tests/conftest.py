@@ -15,3 +15,16 @@ _DEFAULTS = {
 }
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory):
+    """40,000 characters of the built-in Wikipedia calibration split, as a text file."""
+    from offline_tuner.text_data import wikipedia_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(wikipedia_text("calibration")[:40000])
+    return path

@@ -20,11 +20,10 @@ from offline_tuner.errors import TunerInputError
 from offline_tuner.plan import resolve_plan
 from offline_tuner.quantize import Calibration, load_causal_lm, quantize_checkpoint
 from offline_tuner.signround import TuneSettings
-from offline_tuner.text_data import wikipedia_text
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 
 FAMILIES = sorted(TINY_FAMILIES)
-DENSE_FAMILIES = [f for f in FAMILIES if f not in MOE_FAMILIES]  # SignRound tuning of experts is not built yet
+DENSE_FAMILIES = [f for f in FAMILIES if f not in MOE_FAMILIES]  # mixture-of-experts ones: tests/test_moe.py
 SEQ = 40  # longer than the Gemma test models' sliding window (16)
 
 
@@ -105,13 +104,6 @@ def test_override_of_an_unknown_layer_is_refused(tmp_path):
         resolve_plan(model, config, tuning=False)
 
 
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(wikipedia_text("calibration")[:40000])
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", DENSE_FAMILIES)
 def test_family_tunes_and_serves_its_dequantized_weights(family, tmp_path, calibration_text):
@@ -129,20 +121,6 @@ def test_family_tunes_and_serves_its_dequantized_weights(family, tmp_path, calib
         if tune is not None:
             assert [b["block"] for b in run_log["blocks"]] == [0, 1, 2, 3]
         assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / f"deq-{method}"))
-
-
-def test_tuning_a_mixture_of_experts_model_is_refused_with_one_line(tmp_path, capsys):
-    """Experts take round-to-nearest only, for now: asking for SignRound iterations is refused up front."""
-    from offline_tuner.cli import main as cli_main
-
-    model_dir = make_tiny_model(tmp_path / "moe", seed=0, family="mixtral", vocab_size=512)
-    capsys.readouterr()
-    code = cli_main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--iters", "2",
-                     "--group-size", "32"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("signround: error:") and "block_sparse_moe.experts.0.w1" in err[0] and "--iters 0" in err[0]
-    assert not (tmp_path / "out").exists()
 
 
 def test_matrix_that_is_neither_a_linear_layer_nor_experts_is_refused(tmp_path):

@@ -8,14 +8,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from offline_tuner.default_model import make_tiny_model
+from offline_tuner.default_model import make_tiny_model, prepare_default_model
 from offline_tuner.errors import TunerInputError
 from offline_tuner.model_source import open_model
-from offline_tuner.quantize import load_causal_lm, quantize_checkpoint
+from offline_tuner.quantize import Calibration, load_causal_lm, quantize_checkpoint
+from offline_tuner.signround import TuneSettings
 from signround_vllm.checkpoint import dequantized_state_dict, write_dequantized_copy
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 
 EXPERTS = 4
+TOP_K = 2
+TUNE = TuneSettings(iters=24, batch_size=2, seed=1)
 # family -> (stored name of expert E's gate, up and down projections in layer L, router modules of layer L)
 NAMES = {
     "qwen3_moe": ("model.layers.{L}.mlp.experts.{E}.{p}", ("gate_proj", "up_proj", "down_proj"),
@@ -30,7 +33,8 @@ NAMES = {
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {f: make_tiny_model(root / f, seed=3, family=f, vocab_size=512) for f in NAMES}
+    tokenizer = prepare_default_model()  # SmolLM2's, for calibration text
+    return {f: make_tiny_model(root / f, seed=3, family=f, tokenizer_from=tokenizer) for f in NAMES}
 
 
 def expert_name(family, layer, expert, which):
@@ -130,11 +134,12 @@ def test_missing_or_misshapen_expert_weight_is_refused_naming_it(moe_models, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,spec", [("qwen3_moe", LayerQuantSpec(4, 32, False)),
-                                         ("mixtral", LayerQuantSpec(3, 64, True)),
-                                         ("qwen2_moe", LayerQuantSpec(2, 32, False)),
-                                         ("qwen3_moe", LayerQuantSpec(8, 64, True))], ids=str)
-def test_served_experts_equal_their_dequantized_weights(family, spec, moe_models, tmp_path):
+@pytest.mark.parametrize("family,spec,method", [("qwen3_moe", LayerQuantSpec(4, 32, False), "signround"),
+                                                ("mixtral", LayerQuantSpec(3, 64, True), "signround"),
+                                                ("qwen2_moe", LayerQuantSpec(2, 32, False), "signround"),
+                                                ("qwen3_moe", LayerQuantSpec(8, 64, True), "rtn")], ids=str)
+def test_served_experts_equal_their_dequantized_weights(family, spec, method, moe_models, tmp_path,
+                                                        calibration_text):
     """vLLM through the plugin (packed experts, dequantized once at load) against the same weights
     written as a plain bf16 model; down projections at 8 bits while gate/up are not, for one family."""
     from tests.test_vllm_plugin import assert_same_greedy_as
@@ -142,9 +147,69 @@ def test_served_experts_equal_their_dequantized_weights(family, spec, moe_models
     overrides = {}
     if family == "qwen3_moe" and spec.bits == 4:
         overrides = {expert_name(family, 1, e, 2): LayerQuantSpec(8, 32, False) for e in range(EXPERTS)}
+    tune = TUNE if method == "signround" else None
     ckpt = quantize_checkpoint(moe_models[family], tmp_path / "q",
-                               SignRoundConfig(default=spec, layer_overrides=overrides)).out_dir
+                               SignRoundConfig(default=spec, layer_overrides=overrides), tune=tune,
+                               calibration=Calibration(4, 64, str(calibration_text))).out_dir
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["tuner"]["method"] == method
     assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"))
+
+
+def _expert_tensors(ckpt, family, layer, expert) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    prefix = expert_name(family, layer, expert, 0).rsplit(".", 1)[0] + "."
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("family,spec", [("qwen3_moe", LayerQuantSpec(2, 32, False)),
+                                         ("mixtral", LayerQuantSpec(3, 32, True)),
+                                         ("qwen2_moe", LayerQuantSpec(4, 64, False))], ids=str)
+def test_experts_are_tuned_through_the_models_routing(family, spec, moe_models, tmp_path, calibration_text):
+    """SignRound tunes the experts with the rest of the block: the block's loss falls, the tuned experts'
+    integers move away from round-to-nearest, and the run log counts the tokens routed to each expert."""
+    calib = Calibration(4, 64, str(calibration_text))
+    config = SignRoundConfig(default=spec)
+    rtn = quantize_checkpoint(moe_models[family], tmp_path / "rtn", config).out_dir
+    result = quantize_checkpoint(moe_models[family], tmp_path / "tuned", config, tune=TUNE, calibration=calib)
+    experts_module = expert_name(family, 0, 0, 0).rsplit(".", 2)[0]
+    for layer, block in enumerate(result.run_log["blocks"]):
+        assert block["tuned_loss"] < 0.7 * block["rtn_loss"], block
+        counts = block["expert_tokens"][experts_module.replace("layers.0.", f"layers.{layer}.")]
+        assert len(counts) == EXPERTS and sum(counts) == calib.n_samples * calib.seq_len * TOP_K, counts
+    for e in range(EXPERTS):
+        tuned, plain = _expert_tensors(result.out_dir, family, 1, e), _expert_tensors(rtn, family, 1, e)
+        assert tuned.keys() == plain.keys() and len(tuned) == 3 * (2 if spec.sym else 3)
+        assert any(not torch.equal(tuned[k], plain[k]) for k in tuned), f"expert {e} left at round-to-nearest"
+
+
+def test_expert_that_gets_no_calibration_tokens_keeps_round_to_nearest(moe_models, tmp_path, calibration_text,
+                                                                       monkeypatch):
+    """A router that never picks expert 2: the run log says it got no tokens, and its stored integers are
+    round-to-nearest's bit for bit while the other experts are tuned."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    def router_avoiding_expert_2(self, hidden_states):
+        logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        logits[:, 2] = float("-inf")
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, index = torch.topk(probs, self.top_k, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True) if self.norm_topk_prob else top
+        return logits, top.to(logits.dtype), index
+
+    monkeypatch.setattr(modeling_qwen3_moe.Qwen3MoeTopKRouter, "forward", router_avoiding_expert_2)
+    config = SignRoundConfig(default=LayerQuantSpec(4, 32, False))
+    rtn = quantize_checkpoint(moe_models["qwen3_moe"], tmp_path / "rtn", config).out_dir
+    messages = []
+    result = quantize_checkpoint(moe_models["qwen3_moe"], tmp_path / "tuned", config, tune=TUNE,
+                                 calibration=Calibration(4, 64, str(calibration_text)), progress=messages.append)
+    for layer in range(2):
+        counts = result.run_log["blocks"][layer]["expert_tokens"][f"model.layers.{layer}.mlp.experts"]
+        assert counts[2] == 0 and min(counts[:2] + counts[3:]) > 0, counts
+        assert any(f"model.layers.{layer}.mlp.experts: experts [2] got no calibration tokens" in m for m in messages)
+        idle, idle_rtn = (_expert_tensors(c, "qwen3_moe", layer, 2) for c in (result.out_dir, rtn))
+        assert all(torch.equal(idle[k], idle_rtn[k]) for k in idle)
+        busy, busy_rtn = (_expert_tensors(c, "qwen3_moe", layer, 0) for c in (result.out_dir, rtn))
+        assert any(not torch.equal(busy[k], busy_rtn[k]) for k in busy)
 
 
 @pytest.mark.slow

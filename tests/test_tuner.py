@@ -64,17 +64,17 @@ def test_tuned_block_beats_rounding_on_real_activations():
     kwargs = calls.block_kwargs[1]
     targets = x.clone()
     run_block_in_place(block, targets, kwargs, 4)
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    specs = {n: LayerQuantSpec(2, 32, False) for n in linears}
-    before = {n: m.weight.detach().clone() for n, m in linears.items()}
-    result = tune_block(block, linears, specs, x, targets, kwargs, TuneSettings(iters=30, batch_size=4), 0)
+    weights = {f"{n}.weight": m.weight for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    specs = {n: LayerQuantSpec(2, 32, False) for n in weights}
+    before = {n: w.detach().clone() for n, w in weights.items()}
+    result = tune_block(block, weights, specs, x, targets, kwargs, TuneSettings(iters=30, batch_size=4), 0)
     assert result.final_tuned_loss < 0.8 * result.final_rtn_loss, result
     assert not result.fell_back_to_rtn
     for n, t in result.tunables.items():
         assert t.rounding_offset.abs().max() <= 0.5 and t.rounding_offset.abs().max() > 0
         for clip in (t.max_scale, t.min_scale):
             assert clip.min() >= 0 and clip.max() <= 1
-        assert torch.equal(linears[n].weight, before[n])  # the block's own weights are untouched
+        assert torch.equal(weights[n], before[n])  # the block's own weights are untouched
 
 
 class Interrupt(Exception):
