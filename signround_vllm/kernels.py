@@ -280,6 +280,9 @@ CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, V
 # vLLM's kernel takes the layers it cannot hold.
 ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense")}
 FORCE_SETTING = "SIGNROUND_KERNEL"
+# Mixture-of-experts layers have their own candidates (signround_vllm.moe); the setting forces them when it
+# names one of these ("dense" forces both kinds of layer to dequantized weights).
+MOE_ORDER = ("vllm_cpu_int4", "dense")
 _logged: set[tuple] = set()
 
 
@@ -292,9 +295,12 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
     from vllm.logger import init_logger
 
     logger = init_logger("vllm.signround")
+    if forced in MOE_ORDER and forced not in CANDIDATES:
+        forced = None  # names an expert kernel: linear layers choose as usual
     if forced:
         if forced not in CANDIDATES:
-            raise ValueError(f"{FORCE_SETTING}={forced!r} names no SignRound kernel; choose one of {list(CANDIDATES)}")
+            raise ValueError(f"{FORCE_SETTING}={forced!r} names no SignRound kernel; choose one of "
+                             f"{list(CANDIDATES)} (linear layers) or {list(MOE_ORDER)} (mixture-of-experts layers)")
         names = (forced,)
     else:
         names = order or ORDER.get(g.device.type, ("dense",))

@@ -7,8 +7,14 @@ along the output) and `w2_*` (down), each [experts, *packed shape], in the packe
 input-first orientation (`is_transposed`, as GPTQ's). vLLM fuses every expert of a layer, so all of
 them must share one setting for gate/up and one for down; a checkpoint that breaks this is refused.
 
-Serving: no packed MoE kernel is built yet, so the experts are dequantized once at load into the
-activation dtype and run by vLLM's own unquantized MoE kernels (logged; memory as the bf16 model).
+Serving, one of these kernels per layer, the first that can serve it (`MOE_ORDER`), or the one forced
+by the `SIGNROUND_KERNEL` setting when it names one of them:
+  `vllm_cpu_int4`  vLLM's own int4 MoE kernel for x86 CPUs with AMX (`CPUExpertsInt4`; W4A8: it
+                   quantizes activations to int8 per token, so results differ from the dequantized
+                   weights by that rounding, about 1% of the output). 2- and 3-bit experts go in 4-bit
+                   containers. The integers are handed over exactly (see `to_cpu_int4_experts`).
+  `dense`          every expert dequantized once at load into the activation dtype and run by vLLM's
+                   unquantized MoE kernels (exact; memory as the unquantized model).
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from signround_vllm.format import (
     QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, SignRoundConfig, SignRoundFormatError,
-    dequantize_packed, packed_tensor_specs,
+    dequantize_packed, pack_int_weights, packed_tensor_specs, unpack_int_weights,
 )
+from signround_vllm.kernels import FORCE_SETTING, MOE_ORDER
 
 logger = init_logger("vllm.signround")
 
@@ -58,13 +65,90 @@ def expert_specs(config: SignRoundConfig, prefix: str, num_experts: int
     return result[0], result[1]
 
 
-class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
-    """Loads packed experts; serves them dequantized through vLLM's unquantized MoE kernels."""
+def cpu_int4_experts_usable(moe, specs: dict[str, LayerQuantSpec], groups: dict[str, int]
+                            ) -> tuple[bool, str | None]:
+    """Whether vLLM's CPU int4 MoE kernel can serve a layer with these settings, and why not."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
 
-    def __init__(self, moe, w13_spec: LayerQuantSpec, w2_spec: LayerQuantSpec, prefix: str):
+    if not CPUExpertsInt4._supports_current_device():
+        return False, "needs an x86 CPU with AMX"
+    wide = [f"{stem} {spec.bits}-bit" for stem, spec in specs.items() if spec.bits > 4]
+    if wide:
+        return False, f"takes at most 4 bits ({', '.join(wide)})"
+    if groups["w13"] != groups["w2"]:
+        return False, (f"takes one group size for gate/up and down (this layer: {groups['w13']} and "
+                       f"{groups['w2']})")
+    if moe.activation != MoEActivation.SILU or not moe.is_act_and_mul:
+        return False, f"takes SiLU-and-multiply experts only (this layer: {moe.activation})"
+    if moe.moe_parallel_config.use_ep:
+        return False, "does not take expert parallelism"
+    return True, None
+
+
+def to_cpu_int4_experts(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                        spec: LayerQuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked experts [E, ...] of the packed format -> the GPTQ-style input of vLLM's CPU int4 MoE kernel:
+    int32 [E, K // 8, N] (4-bit integers along K), scales [E, K // G, N], int32 zeros [E, K // G, N // 8]
+    (per group, the N zero points minus one as 4-bit fields along N; the kernel adds the one back).
+
+    Exact: 2- and 3-bit integers keep their values in 4-bit fields. A zero point of 0 cannot be stored
+    that way (0 - 1 wraps to 15, read as 16), so such a group is mirrored: q -> 15 - q, zero 15, scale -s,
+    which gives the same (q - z) * s for every weight.
+    """
+    n_experts = qweight.shape[0]
+    out_q, out_s, out_z = [], [], []
+    for e in range(n_experts):
+        packed = PackedLinear(qweight[e], scales[e], None if qzeros is None else qzeros[e], spec)
+        q = unpack_int_weights(packed.qweight, spec.bits).to(torch.int32)  # [K, N]
+        z = packed.zero_points().to(torch.int32)  # [K // G, N]
+        s = packed.scales.clone()
+        mirrored = z == 0
+        rows = mirrored.repeat_interleave(q.shape[0] // z.shape[0], dim=0)
+        q = torch.where(rows, 15 - q, q)
+        z = torch.where(mirrored, 15, z)
+        s = torch.where(mirrored, -s, s)
+        out_q.append(pack_int_weights(q, 4))
+        out_s.append(s)
+        out_z.append(pack_int_weights((z - 1).t().contiguous(), 4).t().contiguous())
+    return torch.stack(out_q), torch.stack(out_s), torch.stack(out_z)
+
+
+_logged: set[tuple] = set()
+
+
+class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
+    """Loads packed experts; serves them through the first kernel of MOE_ORDER that can (see the module doc)."""
+
+    def __init__(self, moe, w13_spec: LayerQuantSpec, w2_spec: LayerQuantSpec, prefix: str,
+                 forced_kernel: str | None = None):
         super().__init__(moe)
         self.specs = {"w13": w13_spec, "w2": w2_spec}
         self.prefix = prefix
+        inputs = {"w13": moe.hidden_dim, "w2": moe.intermediate_size_per_partition}  # per tensor-parallel rank
+        self.groups = {stem: self.specs[stem].effective_group_size(k) for stem, k in inputs.items()}
+        self.kernel_name = self._choose_kernel(forced_kernel)
+
+    def _choose_kernel(self, forced: str | None) -> str:
+        reasons = []
+        names = (forced,) if forced in MOE_ORDER else MOE_ORDER
+        for name in names:
+            ok, why = cpu_int4_experts_usable(self.moe, self.specs, self.groups) if name == "vllm_cpu_int4" else (True, None)
+            if ok:
+                how = f"forced by {FORCE_SETTING}={forced}" if forced in MOE_ORDER else "chosen"
+                detail = f"; not vllm_cpu_int4: {'; '.join(reasons)}" if reasons else ""
+                key = (name, self.specs["w13"], self.specs["w2"], how, detail)
+                if key not in _logged:
+                    _logged.add(key)
+                    what = ("dequantized at load to the activation dtype, run by vLLM's unquantized MoE kernels "
+                            "(no memory saving)" if name == "dense" else "packed int4, W4A8")
+                    log = logger.warning if name == "dense" and how == "chosen" else logger.info
+                    log("signround: mixture-of-experts layers (e.g. %s, gate/up %s, down %s) use kernel '%s' = %s "
+                        "(%s%s)", self.prefix, self.specs["w13"].short_name(), self.specs["w2"].short_name(), name,
+                        what, how, detail)
+                return name
+            reasons.append(why)
+        raise ValueError(f"{self.prefix}: {FORCE_SETTING}={forced} cannot serve these experts: {'; '.join(reasons)}")
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs):
@@ -136,6 +220,46 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
 
     def process_weights_after_loading(self, layer) -> None:
         self._check_every_expert_loaded(layer)
+        if self.kernel_name == "vllm_cpu_int4":
+            self._prepare_cpu_int4(layer)
+        else:
+            self._prepare_dense(layer)
+
+    def _prepare_cpu_int4(self, layer) -> None:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+            CPUExpertsInt4, prepare_int4_moe_layer_for_cpu)
+        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (
+            WNA16MoEBackend, make_wna16_moe_kernel, make_wna16_moe_quant_config)
+
+        converted = {}
+        for stem, (k, _) in self.geometry.items():
+            qzeros = getattr(layer, f"{stem}_{QZEROS}", None)
+            converted[stem] = to_cpu_int4_experts(getattr(layer, f"{stem}_{QWEIGHT}").data,
+                                                  getattr(layer, f"{stem}_{SCALES}").data,
+                                                  None if qzeros is None else qzeros.data, self.specs[stem])
+            for suffix in (QWEIGHT, SCALES, QZEROS):
+                if hasattr(layer, f"{stem}_{suffix}"):
+                    delattr(layer, f"{stem}_{suffix}")
+        (q13, s13, z13), (q2, s2, z2) = converted["w13"], converted["w2"]
+        w13, w2, s13, s2, z13, z2 = prepare_int4_moe_layer_for_cpu(q13, q2, s13, s2, ops.CPUQuantAlgo.GPTQ, z13, z2)
+        for name, t in (("w13_weight", w13), ("w2_weight", w2), ("w13_scales", s13), ("w2_scales", s2),
+                        ("w13_qzeros", z13), ("w2_qzeros", z2)):
+            layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+        self.experts_cls = CPUExpertsInt4
+        self.moe_quant_config = make_wna16_moe_quant_config(
+            w1_scale=layer.w13_scales, w2_scale=layer.w2_scales, w1_zp=layer.w13_qzeros, w2_zp=layer.w2_qzeros,
+            group_size=self.groups["w13"], num_bits=4)
+        self.moe_kernel = make_wna16_moe_kernel(moe_quant_config=self.moe_quant_config, moe_config=self.moe,
+                                                experts_cls=CPUExpertsInt4, backend=WNA16MoEBackend.CPU,
+                                                routing_tables=layer._expert_routing_tables())
+
+    def get_fused_moe_quant_config(self, layer):
+        if self.kernel_name == "vllm_cpu_int4":
+            return self.moe_quant_config
+        return super().get_fused_moe_quant_config(layer)
+
+    def _prepare_dense(self, layer) -> None:
         for stem, (k, n) in self.geometry.items():
             spec = self.specs[stem]
             qweight, scales = getattr(layer, f"{stem}_{QWEIGHT}"), getattr(layer, f"{stem}_{SCALES}")
@@ -148,13 +272,10 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
                 if hasattr(layer, f"{stem}_{suffix}"):
                     delattr(layer, f"{stem}_{suffix}")
             layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(dense, requires_grad=False))
-        logger.info_once("signround: mixture-of-experts layers are served as %s weights dequantized at load "
-                         "through vLLM's unquantized MoE kernels (no packed MoE kernel on this platform yet; "
-                         "expert memory as the unquantized model)", str(self.act_dtype).removeprefix("torch."))
         super().process_weights_after_loading(layer)
 
 
-def moe_method(config: SignRoundConfig, layer, prefix: str):
+def moe_method(config: SignRoundConfig, layer, prefix: str, forced_kernel: str | None = None):
     """The method for a vLLM MoE layer: packed experts, or vLLM's own when the checkpoint keeps them dense."""
     w13, w2 = expert_specs(config, prefix, layer.global_num_experts)
     if (w13 is None) != (w2 is None):
@@ -163,5 +284,5 @@ def moe_method(config: SignRoundConfig, layer, prefix: str):
                          f"the signround method serves experts quantized together or kept together")
     if w13 is None:
         return UnquantizedFusedMoEMethod(layer.moe_config)
-    return SignRoundMoEMethod(layer.moe_config, w13, w2, prefix)
+    return SignRoundMoEMethod(layer.moe_config, w13, w2, prefix, forced_kernel)
 

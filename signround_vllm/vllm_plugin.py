@@ -123,7 +123,7 @@ class SignRoundVllmConfig(QuantizationConfig):
         if isinstance(layer, RoutedExperts):
             from signround_vllm.moe import moe_method
 
-            return moe_method(self.config, layer, prefix)
+            return moe_method(self.config, layer, prefix, self.forced_kernel)
         return None
 
 

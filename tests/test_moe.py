@@ -231,6 +231,126 @@ def test_checkpoint_with_a_missing_expert_is_refused_at_load(moe_models, tmp_pat
         make_llm(broken)
 
 
+def _random_experts(n_experts, n, k, spec, seed):
+    """Packed experts [E, ...] from random integers, scales and zero points, with every fourth group's zero
+    point 0 (the value the CPU kernel's zero convention cannot hold directly)."""
+    from signround_vllm.format import pack_linear
+
+    gen = torch.Generator().manual_seed(seed)
+    g = spec.effective_group_size(k)
+    layers = []
+    for _ in range(n_experts):
+        q = torch.randint(0, 1 << spec.bits, (n, k), generator=gen)
+        scale = (torch.rand(n, k // g, generator=gen) + 0.5) * 0.02
+        zero = None
+        if not spec.sym:
+            zero = torch.randint(0, 1 << spec.bits, (n, k // g), generator=gen)
+            zero[::4] = 0
+        layers.append(pack_linear(q, scale, zero, spec))
+    stack = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
+    return layers, (stack([p.qweight for p in layers]), stack([p.scales for p in layers]),
+                    stack([p.qzeros for p in layers]))
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, 64, True),
+                                  LayerQuantSpec(4, 32, False), LayerQuantSpec(4, 128, True)], ids=str)
+def test_experts_handed_to_the_cpu_int4_kernel_hold_the_same_weights(spec):
+    """The GPTQ-style tensors vLLM's CPU int4 MoE kernel reads, decoded as that kernel does (4-bit fields,
+    zero point = stored field + 1), give every expert's dequantized weights exactly."""
+    from signround_vllm.format import dequantize_packed, unpack_int_weights
+    from signround_vllm.moe import to_cpu_int4_experts
+
+    layers, stacked = _random_experts(3, 96, 256, spec, seed=spec.bits)
+    qweight, scales, zeros = to_cpu_int4_experts(*stacked, spec)
+    g = spec.effective_group_size(256)
+    assert qweight.shape == (3, 256 // 8, 96) and zeros.shape == (3, 256 // g, 96 // 8) and zeros.dtype == torch.int32
+    for e, layer in enumerate(layers):
+        q = unpack_int_weights(qweight[e], 4).float()  # [K, N]
+        z = unpack_int_weights(zeros[e].t().contiguous(), 4).t().float() + 1  # [K // G, N]
+        w = (q - z.repeat_interleave(g, dim=0)) * scales[e].float().repeat_interleave(g, dim=0)
+        assert torch.equal(w.t(), dequantize_packed(layer, torch.float32)), f"expert {e}"
+
+
+def _amx() -> bool:
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+    except ImportError:
+        return False
+    return CPUExpertsInt4._supports_current_device()
+
+
+@pytest.mark.skipif(not _amx(), reason="vLLM's CPU int4 MoE kernel needs an x86 CPU with AMX")
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, 64, True),
+                                  LayerQuantSpec(4, 64, False)], ids=str)
+def test_cpu_int4_kernel_computes_the_dequantized_experts(spec):
+    """vLLM's kernel on the converted experts against a per-expert pure-torch reference on the dequantized
+    weights; the kernel quantizes activations to int8 per token (W4A8), hence the tolerance."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
+
+    from signround_vllm.format import dequantize_packed
+    from signround_vllm.moe import to_cpu_int4_experts
+
+    n_experts, hidden, inter, tokens, top_k = 4, 128, 64, 37, 2
+    gate_up, w13 = _random_experts(n_experts, 2 * inter, hidden, spec, seed=1)
+    down, w2 = _random_experts(n_experts, hidden, inter, spec, seed=2)
+    q13, s13, z13 = to_cpu_int4_experts(*w13, spec)
+    q2, s2, z2 = to_cpu_int4_experts(*w2, spec)
+    b13, b2, bs13, bs2, bz13, bz2 = prepare_int4_moe_layer_for_cpu(q13, q2, s13, s2, ops.CPUQuantAlgo.GPTQ, z13, z2)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, n_experts - 1, (tokens, top_k), generator=gen).to(torch.int32)  # the last expert idle
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    out = torch.empty_like(x)
+    ops.fused_experts_cpu(out, x, b13, b2, weights, ids, ops.CPUQuantMethod.INT4_W4A8, bs13, bs2, bz13, bz2,
+                          None, None, None, None, None, True)
+    ref = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            h = x[t].float() @ dequantize_packed(gate_up[e]).t()
+            h = torch.nn.functional.silu(h[:inter]) * h[inter:]
+            ref[t] += weights[t, j] * (h @ dequantize_packed(down[e]).t())
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 0.03
+
+
+def test_expert_kernel_choice_and_forcing(monkeypatch):
+    """vLLM's CPU int4 experts where they fit, dense (dequantized) otherwise with the reason, and the one
+    forcing setting; a linear-only kernel name leaves expert layers to choose as usual."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    from signround_vllm.moe import SignRoundMoEMethod, cpu_int4_experts_usable
+
+    moe = SimpleNamespace(activation=MoEActivation.SILU, is_act_and_mul=True, hidden_dim=128,
+                          intermediate_size_per_partition=64, moe_parallel_config=SimpleNamespace(use_ep=False))
+    w4, w8 = LayerQuantSpec(4, 32, False), LayerQuantSpec(8, 32, False)
+    monkeypatch.setattr(cpu_moe.CPUExpertsInt4, "_supports_current_device", staticmethod(lambda: True))
+    groups = {"w13": 32, "w2": 32}
+    assert cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups) == (True, None)
+    assert "at most 4 bits (w2 8-bit)" in cpu_int4_experts_usable(moe, {"w13": w4, "w2": w8}, groups)[1]
+    assert "one group size" in cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, {"w13": 32, "w2": 64})[1]
+    moe.moe_parallel_config.use_ep = True
+    assert "expert parallelism" in cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups)[1]
+    moe.moe_parallel_config.use_ep = False
+    monkeypatch.setattr(cpu_moe.CPUExpertsInt4, "_supports_current_device", staticmethod(lambda: False))
+    assert cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups) == (False, "needs an x86 CPU with AMX")
+
+    monkeypatch.setattr(SignRoundMoEMethod, "__init__", lambda self: None)
+    method = SignRoundMoEMethod()
+    method.moe, method.specs, method.groups, method.prefix = moe, {"w13": w4, "w2": w4}, groups, "model.layers.0.mlp.experts"
+    assert method._choose_kernel(None) == "dense"
+    assert method._choose_kernel("cpu_int4") == "dense"  # a linear kernel's name: experts choose as usual
+    with pytest.raises(ValueError, match=r"SIGNROUND_KERNEL=vllm_cpu_int4 cannot serve these experts: needs an x86"):
+        method._choose_kernel("vllm_cpu_int4")
+    monkeypatch.setattr(cpu_moe.CPUExpertsInt4, "_supports_current_device", staticmethod(lambda: True))
+    assert method._choose_kernel(None) == "vllm_cpu_int4"
+    assert method._choose_kernel("dense") == "dense"
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
 def test_export_of_experts_is_refused_until_built(fmt, moe_models, tmp_path):
     from offline_tuner.export import ExportError, export_checkpoint
