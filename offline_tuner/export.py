@@ -394,9 +394,13 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     if not layers:
         raise ExportError(f"{ckpt} holds no quantized layers; nothing to export")
     experts = sorted(n for n in layers if ".experts." in n)
-    if experts:
+    if experts and fmt == COMPRESSED_TENSORS:
         raise ExportError(f"{ckpt} holds mixture-of-experts layers ({_list_names(experts)}); exporting them to "
-                          f"{fmt} is not built yet (the signround method serves them: vllm serve {ckpt})")
+                          f"{fmt} is not built yet (export them as gptq or awq, or serve the checkpoint with "
+                          f"the signround method: vllm serve {ckpt})")
+    if experts:
+        say(f"note: {VLLM} serves {fmt.upper()} experts with its int4 MoE kernels: Marlin on CUDA, and on CPU "
+            f"only on x86 CPUs with AMX")
     unquantized = unquantized_linear_names(rest, config)
     counts = Counter(p.spec.short_name() for p in layers.values())
     say(f"read {len(layers)} quantized layers ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}) "

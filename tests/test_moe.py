@@ -351,16 +351,34 @@ def test_expert_kernel_choice_and_forcing(monkeypatch):
     assert method._choose_kernel("dense") == "dense"
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
-def test_export_of_experts_is_refused_until_built(fmt, moe_models, tmp_path):
+def test_compressed_tensors_export_of_experts_is_refused(moe_models, tmp_path):
     from offline_tuner.export import ExportError, export_checkpoint
 
     ckpt = quantize_checkpoint(moe_models["mixtral"], tmp_path / "q",
                                SignRoundConfig(default=LayerQuantSpec(4, 32, False))).out_dir
     with pytest.raises(ExportError, match=r"mixture-of-experts layers \(model\.layers\.0\.block_sparse_moe\.experts\.0"
                                           r"\.w1, .*not built yet"):
-        export_checkpoint(ckpt, tmp_path / "out", fmt)
+        export_checkpoint(ckpt, tmp_path / "out", "compressed-tensors")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _amx(), reason="vLLM serves GPTQ/AWQ experts on CPU only with AMX (its CPU int4 MoE kernel)")
+@pytest.mark.parametrize("fmt,family,spec", [("gptq", "mixtral", LayerQuantSpec(4, 64, True)),
+                                             ("awq", "qwen3_moe", LayerQuantSpec(4, 32, False))], ids=str)
+def test_gptq_and_awq_exports_of_experts_are_served_by_vllms_own_methods(fmt, family, spec, moe_models, tmp_path):
+    """The exported experts, loaded by vLLM's own gptq / awq MoE methods, give the SignRound checkpoint's tokens."""
+    from offline_tuner.export import export_checkpoint
+    from tests.test_vllm_plugin import MAX_TOKENS, PROMPTS, assert_same_greedy_as
+    from tests.vllm_utils import greedy_tokens_and_logprobs, run_on
+
+    ckpt = quantize_checkpoint(moe_models[family], tmp_path / "q", SignRoundConfig(default=spec)).out_dir
+    out = export_checkpoint(ckpt, tmp_path / fmt, fmt)
+    assert {k for k in load_file(str(out / "model.safetensors")) if ".experts.3." in k and "layers.1." in k} == {
+        f"{expert_name(family, 1, 3, w)}.{t}" for w in range(3)
+        for t in ("qweight", "qzeros", "scales", *(("g_idx",) if fmt == "gptq" else ()))}
+    served = run_on(out, lambda llm: greedy_tokens_and_logprobs(llm, PROMPTS, MAX_TOKENS))
+    assert_same_greedy_as(out, ckpt, out=served)
 
 
 @pytest.mark.slow
