@@ -3,12 +3,14 @@
 Each candidate has a short `name`, answers `can_implement(geometry) -> (ok, reason)`,
 checks and repacks a loaded layer once in `prepare`, and only computes `x @ W^T + bias`
 in `apply` (through a registered operator where the kernel is ours, so torch.compile
-captures it). `choose_kernel` takes the first candidate of `ORDER[device type]` that can
+captures it). `choose_kernel` takes the first candidate of `default_order(device type)` that can
 serve the layer, or only the candidate forced by name (the `SIGNROUND_KERNEL` setting).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import torch
 
@@ -140,6 +142,8 @@ class VllmMixedPrecision:
         return chosen is not None, why
 
     def describe(self) -> str:
+        if self.kernel_class.__name__ == "CPUWNA16LinearKernel" and cpu_w4a8(self.g.act_dtype):
+            return "CPUWNA16LinearKernel, W4A8 (activations rounded to int8 per token)"
         return self.kernel_class.__name__
 
     def _packed_for_kernel(self, layer) -> PackedLinear:
@@ -174,10 +178,41 @@ class VllmMixedPrecision:
         # it: CPUWNA16's W4A8 path (AMX CPUs) allocates implied zero points under it and fails without it.
         self.kernel = self.kernel_class(self._mp_config(self.g), w_q_param_name="weight_packed",
                                         w_s_param_name="weight_scale", w_zp_param_name="weight_zero_point")
-        self.kernel.process_weights_after_loading(layer)
+        if self.g.device.type == "cpu" and not cpu_w4a8(self.g.act_dtype):
+            with _hide_amx_from_w4a8_choice():
+                self.kernel.process_weights_after_loading(layer)
+        else:
+            self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer, x, bias=None):
         return self.kernel.apply_weights(layer, x, bias)
+
+
+W4A8_SETTING = "VLLM_CPU_INT4_W4A8"
+
+
+def cpu_w4a8(act_dtype: torch.dtype) -> bool:
+    """Whether our layers on vLLM's CPUWNA16 kernel run W4A8 (activations rounded to int8 per token).
+
+    vLLM runs W4A8 on AMX CPUs with bf16 activations unless VLLM_CPU_INT4_W4A8=0. For SignRound layers it
+    is opt-in: only when VLLM_CPU_INT4_W4A8=1 is set. By default they run W4A16, the dequantized weights
+    within bf16 rounding: on SmolLM2-135M W4G64, W4A8 served a perplexity 2.7% above the dequantized
+    weights' (tests/test_real_model.py), while W4A16 runs at about bf16's speed on an AMX Xeon
+    (benchmarks/results/cpu-kernel-table-amx-1-thread.md)."""
+    return (torch.cpu._is_amx_tile_supported() and act_dtype == torch.bfloat16
+            and os.environ.get(W4A8_SETTING) == "1")
+
+
+@contextlib.contextmanager
+def _hide_amx_from_w4a8_choice():
+    """CPUWNA16 decides W4A8 once, while preparing a layer, from AMX support (and its setting); hiding AMX
+    from that one decision prepares the layer for its W4A16 path, whose GEMM still uses AMX."""
+    real = torch.cpu._is_amx_tile_supported
+    torch.cpu._is_amx_tile_supported = lambda: False
+    try:
+        yield
+    finally:
+        torch.cpu._is_amx_tile_supported = real
 
 
 class VllmMixedPrecisionIn4Bits(VllmMixedPrecision):
@@ -277,8 +312,12 @@ CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, V
 # when Humming is absent, since it reads 2 or 3 bits per weight where containers read 4. On CPU,
 # the int4-pack path leads (measured on a 2-core Zen 4: 3-5x a bf16 GEMM at batch 1 where vLLM's
 # CPUWNA16 kernel was at par, and no slower than CPUWNA16 at larger batches: see cpu_int4);
-# vLLM's kernel takes the layers it cannot hold.
-ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense")}
+# vLLM's kernel takes the layers it cannot hold. On CPUs with AMX the int4-pack kernel may not run
+# (see cpu_int4.int4pack_kernel_usable) and vLLM's CPUWNA16 leads: W4A16 by default, about a bf16
+# GEMM's speed (0.9-1.06x per block at M = 1 to 64) where the tiles of cpu_int4 run 0.14-0.22x; W4A8
+# when opted in (cpu_w4a8), 3.9x at M = 1 (benchmarks/results/cpu-kernel-table-amx-1-thread.md).
+ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense"),
+         "cpu_amx": ("vllm", "vllm_4bit", "cpu_int4", "dense")}
 FORCE_SETTING = "SIGNROUND_KERNEL"
 # Mixture-of-experts layers have their own candidates (signround_vllm.moe); the setting forces them when it
 # names one of these ("dense" forces both kinds of layer to dequantized weights).
@@ -286,11 +325,17 @@ MOE_ORDER = ("vllm_cpu_int4", "dense")
 _logged: set[tuple] = set()
 
 
+def default_order(device_type: str) -> tuple[str, ...]:
+    if device_type == "cpu" and torch.cpu._is_amx_tile_supported():
+        return ORDER["cpu_amx"]
+    return ORDER.get(device_type, ("dense",))
+
+
 def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str, ...] | None = None):
     """The first candidate that can serve `g`; ValueError listing every reason if none can.
 
     forced: a candidate name (the $SIGNROUND_KERNEL setting): only it is tried. order: the
-    names to try otherwise (default: ORDER for the layer's device type).
+    names to try otherwise (default: `default_order` for the layer's device type).
     """
     from vllm.logger import init_logger
 
@@ -303,7 +348,7 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
                              f"{list(CANDIDATES)} (linear layers) or {list(MOE_ORDER)} (mixture-of-experts layers)")
         names = (forced,)
     else:
-        names = order or ORDER.get(g.device.type, ("dense",))
+        names = order or default_order(g.device.type)
     reasons = []
     for name in names:
         cls = CANDIDATES[name]

@@ -18,6 +18,8 @@ by the `SIGNROUND_KERNEL` setting when it names one of them:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
@@ -28,7 +30,7 @@ from signround_vllm.format import (
     QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, SignRoundConfig, SignRoundFormatError,
     dequantize_packed, pack_int_weights, packed_tensor_specs, unpack_int_weights,
 )
-from signround_vllm.kernels import FORCE_SETTING, MOE_ORDER
+from signround_vllm.kernels import FORCE_SETTING, MOE_ORDER, W4A8_SETTING
 
 logger = init_logger("vllm.signround")
 
@@ -73,6 +75,8 @@ def cpu_int4_experts_usable(moe, specs: dict[str, LayerQuantSpec], groups: dict[
 
     if not CPUExpertsInt4._supports_current_device():
         return False, "needs an x86 CPU with AMX"
+    if os.environ.get(W4A8_SETTING) == "0":
+        return False, f"{W4A8_SETTING}=0 asks for no W4A8, and this kernel is W4A8 only"
     wide = [f"{stem} {spec.bits}-bit" for stem, spec in specs.items() if spec.bits > 4]
     if wide:
         return False, f"takes at most 4 bits ({', '.join(wide)})"

@@ -20,21 +20,28 @@ def test_cpu_layers_up_to_4_bits_use_the_int4_pack_kernel(bits, monkeypatch):
     assert kernel.max_rows == kernels.cpu_int4.max_rows_for(torch.get_num_threads())
 
 
-def test_on_amx_cpus_the_int4_pack_kernel_stays_off(monkeypatch):
-    """PyTorch's int4-pack kernel releases the AMX tiles that vLLM's AMX attention keeps configured."""
+@pytest.mark.parametrize("bits,name", [(4, "vllm"), (2, "vllm_4bit")])
+def test_on_amx_cpus_vllms_kernel_leads_and_the_int4_pack_kernel_stays_off(bits, name, monkeypatch):
+    """vLLM's CPUWNA16 leads on AMX (W4A16; W4A8 only when VLLM_CPU_INT4_W4A8=1 is set); PyTorch's int4-pack
+    kernel releases the AMX tiles that vLLM's AMX attention keeps configured, so cpu_int4 uses tiles only."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    kernel = kernels.choose_kernel(geometry(4))
-    assert kernel.name == "cpu_int4" and kernel.max_rows == 0
-    assert "int4-pack kernel off: this CPU has AMX" in kernel.describe()
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    kernel = kernels.choose_kernel(geometry(bits))
+    assert kernel.name == name and kernel.describe() == "CPUWNA16LinearKernel"
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "1")
+    assert kernels.choose_kernel(geometry(bits)).describe().startswith("CPUWNA16LinearKernel, W4A8")
+    kernel = kernels.choose_kernel(geometry(4), forced="cpu_int4")
+    assert kernel.max_rows == 0 and "int4-pack kernel off: this CPU has AMX" in kernel.describe()
 
 
-def test_cpu_layers_the_int4_pack_kernel_cannot_hold_go_to_vllms_kernel():
+def test_cpu_layers_the_int4_pack_kernel_cannot_hold_go_to_vllms_kernel(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     # out_features not divisible by 16 (vLLM's CPUWNA16 takes multiples of 32: 96 is one)
     assert kernels.choose_kernel(geometry(4, n=96 + 8)).name == "dense"
     with pytest.MonkeyPatch.context() as mp:  # a group size the int4-pack kernel does not take
         mp.setattr(kernels.cpu_int4, "KERNEL_GROUP_SIZES", (256, 128, 64))
         kernel = kernels.choose_kernel(geometry(4))
-        assert kernel.name == "vllm" and kernel.describe() == "CPUWNA16LinearKernel"
+        assert kernel.name == "vllm" and kernel.describe() == "CPUWNA16LinearKernel"  # W4A16 without AMX
         kernel = kernels.choose_kernel(geometry(3))
         assert kernel.name == "vllm_4bit" and kernel.describe() == "CPUWNA16LinearKernel"
     with pytest.raises(ValueError, match=r"cpu_int4: activation dtype torch.float32"):
@@ -47,7 +54,7 @@ def test_cpu_8_bit_and_odd_sizes_fall_back_to_dense():
 
 
 def test_the_exact_cpu_path_is_only_forced():
-    assert "cpu_int4_exact" not in kernels.ORDER["cpu"]
+    assert "cpu_int4_exact" not in kernels.ORDER["cpu"] + kernels.ORDER["cpu_amx"]
     assert kernels.choose_kernel(geometry(4), forced="cpu_int4_exact").name == "cpu_int4_exact"
 
 

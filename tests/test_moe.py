@@ -336,6 +336,9 @@ def test_expert_kernel_choice_and_forcing(monkeypatch):
     moe.moe_parallel_config.use_ep = True
     assert "expert parallelism" in cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups)[1]
     moe.moe_parallel_config.use_ep = False
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "0")
+    assert "asks for no W4A8" in cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups)[1]
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8")
     monkeypatch.setattr(cpu_moe.CPUExpertsInt4, "_supports_current_device", staticmethod(lambda: False))
     assert cpu_int4_experts_usable(moe, {"w13": w4, "w2": w4}, groups) == (False, "needs an x86 CPU with AMX")
 
