@@ -18,8 +18,10 @@ pipeline then also stages that many times in shared memory). The integers are
 dequantized in fp32 (exact: ``q * s - z * s``), cast to the activation dtype and fed
 to ``tl.dot`` with an fp32 accumulator; decode tiles of fewer than 16 rows (``BLOCK_M`` 1
 to 8, for batches of 1 to 8) multiply with fp32 FMAs and a sum over k instead, so no
-padded rows are computed. Small batches split K over a second grid
-axis and add their partial sums into a zeroed fp32 buffer with atomics (the order
+padded rows are computed. Loading and dequantizing one tile is the ``@triton.jit`` helper
+:func:`load_dequantized_tile`, the multiply :func:`multiply_accumulate`; the
+mixture-of-experts kernel (:mod:`signround_triton.fused_moe`) calls the same two. Small
+batches split K over a second grid axis and add their partial sums into a zeroed fp32 buffer with atomics (the order
 of those fp32 additions is not fixed: results may differ in the last fp32 bit
 between runs, rarely in the rounded output).
 
@@ -236,6 +238,145 @@ def _repeat_rows(t, ROWS: tl.constexpr, TIMES: tl.constexpr, COLS: tl.constexpr)
     return tl.reshape(tl.broadcast_to(t[:, None, :], [ROWS, TIMES, COLS]), [ROWS * TIMES, COLS])
 
 
+@triton.jit
+def load_dequantized_tile(
+    w_tile,  # the tile's first packed word row: qweight_ptr + t * (BLOCK_K * BITS // 32) * stride_wk
+    scales_ptr,  # fp16 [K // G, N] of this layer (or expert)
+    qzeros_ptr,  # uint8 [K // G, N]; None when SYM
+    t,  # index of the K tile: k in [t * BLOCK_K, (t + 1) * BLOCK_K)
+    K,
+    offs_n,  # [BN] absolute output columns
+    mask_n,  # [BN] offs_n < N
+    stride_wk, stride_wn,
+    stride_sg, stride_sn,
+    stride_zg, stride_zn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER_WORDS: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """W^T [BLOCK_K, BLOCK_N] in fp32 of K tile t: the packed words loaded and dequantized.
+
+    Zero outside K (unless EVEN_K) and outside N. The one copy of the unpacking code, shared by
+    the dense kernel and the mixture-of-experts kernel (:mod:`signround_triton.fused_moe`).
+    """
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    if EVEN_K:
+        k_ok = offs_k < BLOCK_K  # all true, folded away
+    else:
+        k_ok = t * BLOCK_K + offs_k < K
+    n_ok = mask_n[None, :]
+    cols_w = offs_n[None, :] * stride_wn  # [1, BN]
+
+    # Where each k of a tile sits in the packed stream. A tile starts on a run boundary
+    # (BLOCK_K % 32 == 0), so the pattern is the same for every tile: k lies in word
+    # (k // 32) * BITS + word_in_run of the tile, from bit `shift` on.
+    RUNS: tl.constexpr = BLOCK_K // 32
+    WORDS: tl.constexpr = RUNS * BITS  # packed words per tile and column
+    VALUE_MASK: tl.constexpr = (1 << BITS) - 1
+    stream_bit = (offs_k % 32) * BITS
+    word_in_run = stream_bit // 32  # [BK]
+    shift = (stream_bit % 32).to(tl.uint32)  # [BK]
+    straddles = shift + BITS > 32  # [BK] the integer continues in the next word of its run
+    hi_shift = tl.where(straddles, 32 - shift, 0).to(tl.uint32)  # never a shift by 32
+
+    # ---- the integers q [BK, BN] of this tile ----
+    if GATHER_WORDS:
+        # One (L1-cached) load per (k, n) of the word holding k, and of the next word
+        # where k straddles.
+        w_ptrs = w_tile + ((offs_k // 32) * BITS + word_in_run)[:, None] * stride_wk + cols_w
+        lo = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok, other=0).to(tl.uint32, bitcast=True)
+        if 32 % BITS != 0:
+            hi = tl.load(w_ptrs + stride_wk, mask=(k_ok & straddles)[:, None] & n_ok, other=0)
+            hi = hi.to(tl.uint32, bitcast=True)
+    elif 32 % BITS == 0:
+        # Word r of the tile holds k = r * (32 // BITS) + j at shift j * BITS: load the
+        # WORDS rows once and repeat each 32 // BITS times.
+        offs_w = tl.arange(0, WORDS)
+        if EVEN_K:
+            w_ok = offs_w < WORDS
+        else:
+            w_ok = t * BLOCK_K + offs_w * (32 // BITS) < K
+        words = tl.load(w_tile + offs_w[:, None] * stride_wk + cols_w, mask=w_ok[:, None] & n_ok, other=0)
+        lo = _repeat_rows(words.to(tl.uint32, bitcast=True), WORDS, 32 // BITS, BLOCK_N)
+    else:
+        # Runs of BITS words: load word j of every run of the tile once, repeat it over
+        # the run's 32 integers, and pick per k its word (lo) and the next one (hi).
+        offs_run = tl.arange(0, RUNS)
+        if EVEN_K:
+            run_ok = offs_run < RUNS
+        else:
+            run_ok = t * RUNS + offs_run < K // 32
+        run_ptrs = w_tile + (offs_run * BITS)[:, None] * stride_wk + cols_w  # word 0 of each run
+        run_mask = run_ok[:, None] & n_ok
+        lo = _repeat_rows(tl.load(run_ptrs, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
+                          RUNS, 32, BLOCK_N)
+        hi = _repeat_rows(tl.load(run_ptrs + stride_wk, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
+                          RUNS, 32, BLOCK_N)
+        lo = tl.where(word_in_run[:, None] == 1, hi, lo)
+        for j in tl.static_range(2, BITS):
+            wj = _repeat_rows(
+                tl.load(run_ptrs + j * stride_wk, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
+                RUNS, 32, BLOCK_N)
+            lo = tl.where(word_in_run[:, None] == j, wj, lo)
+            hi = tl.where(word_in_run[:, None] == j - 1, wj, hi)
+    q = lo >> shift[:, None]  # logical shift: uint32
+    if 32 % BITS != 0:
+        q = q | tl.where(straddles[:, None], hi << hi_shift[:, None], 0)
+    qf = (q & VALUE_MASK).to(tl.float32)  # [BK, BN], exact
+
+    # ---- dequantize: w = (q - z) * s = q * s - z * s, exact in fp32 ----
+    s_cols = offs_n * stride_sn  # [BN]
+    z_cols = offs_n * stride_zn  # [BN]
+    if GROUP_SIZE == -1 or BLOCK_K <= GROUP_SIZE:
+        # The whole tile lies in one group: one row of scales (and zeros).
+        if GROUP_SIZE == -1:
+            g = 0
+        else:
+            g = (t * BLOCK_K) // GROUP_SIZE
+        s = tl.load(scales_ptr + g * stride_sg + s_cols, mask=mask_n, other=0.0).to(tl.float32)
+        if SYM:
+            zs = s * (1 << (BITS - 1))
+        else:
+            z = tl.load(qzeros_ptr + g * stride_zg + z_cols, mask=mask_n, other=0).to(tl.float32)
+            zs = z * s
+        w = qf * s[None, :] - zs[None, :]
+    else:
+        # The tile holds BLOCK_K // GROUP_SIZE whole groups: load their rows once and
+        # repeat each over its GROUP_SIZE values of k.
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
+        offs_g = (t * BLOCK_K) // GROUP_SIZE + tl.arange(0, NG)
+        if EVEN_K:
+            g_ok = offs_g >= 0
+        else:
+            g_ok = offs_g < K // GROUP_SIZE
+        g_mask = g_ok[:, None] & n_ok
+        s = tl.load(scales_ptr + offs_g[:, None] * stride_sg + s_cols[None, :], mask=g_mask,
+                    other=0.0).to(tl.float32)  # [NG, BN]
+        if SYM:
+            zs = s * (1 << (BITS - 1))
+        else:
+            z = tl.load(qzeros_ptr + offs_g[:, None] * stride_zg + z_cols[None, :], mask=g_mask,
+                        other=0).to(tl.float32)
+            zs = z * s
+        w = qf * _repeat_rows(s, NG, GROUP_SIZE, BLOCK_N) - _repeat_rows(zs, NG, GROUP_SIZE, BLOCK_N)
+    return w
+
+
+@triton.jit
+def multiply_accumulate(acc, a, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc [BM, BN] fp32 += a [BM, BK] (activation dtype) @ w [BK, BN] (fp32, dequantized)."""
+    if BLOCK_M < 16:
+        # Decode: no tensor cores for so few rows; products and the sum over k in fp32, the
+        # weights rounded to the activation dtype as on the tensor-core path.
+        wf = w.to(a.dtype).to(tl.float32)
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * wf[None, :, :], axis=1)
+    elif DOT_FP32:
+        acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+    else:
+        acc += tl.dot(a, w.to(a.dtype))
+    return acc
+
+
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["M"])  # one binary for every batch size (no M == 1 / M % 16 variants)
 def dequant_gemm_kernel(
@@ -281,24 +422,9 @@ def dequant_gemm_kernel(
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
-    # Where each k of a tile sits in the packed stream. A tile starts on a run boundary
-    # (BLOCK_K % 32 == 0), so the pattern is the same for every tile: k lies in word
-    # (k // 32) * BITS + word_in_run of the tile, from bit `shift` on.
-    RUNS: tl.constexpr = BLOCK_K // 32
-    WORDS: tl.constexpr = RUNS * BITS  # packed words per tile and column
-    VALUE_MASK: tl.constexpr = (1 << BITS) - 1
-    stream_bit = (offs_k % 32) * BITS
-    word_in_run = stream_bit // 32  # [BK]
-    shift = (stream_bit % 32).to(tl.uint32)  # [BK]
-    straddles = shift + BITS > 32  # [BK] the integer continues in the next word of its run
-    hi_shift = tl.where(straddles, 32 - shift, 0).to(tl.uint32)  # never a shift by 32
-    n_ok = mask_n[None, :]
-
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1] pointers
-    cols_w = offs_n[None, :] * stride_wn  # [1, BN]
-    s_cols = offs_n * stride_sn  # [BN]
-    z_cols = offs_n * stride_zn  # [BN]
     # Split pid_k takes K tiles pid_k, pid_k + SPLIT_K, ...; w_tile points at tile t's first word row.
+    WORDS: tl.constexpr = BLOCK_K // 32 * BITS  # packed words per tile and column
     w_tile = qweight_ptr + pid_k.to(tl.int64) * (WORDS * stride_wk)
     w_step = SPLIT_K * WORDS * stride_wk
 
@@ -311,95 +437,10 @@ def dequant_gemm_kernel(
         else:
             k_ok = kk < K
         a = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-
-        # ---- the integers q [BK, BN] of this tile ----
-        if GATHER_WORDS:
-            # One (L1-cached) load per (k, n) of the word holding k, and of the next word
-            # where k straddles.
-            w_ptrs = w_tile + ((offs_k // 32) * BITS + word_in_run)[:, None] * stride_wk + cols_w
-            lo = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok, other=0).to(tl.uint32, bitcast=True)
-            if 32 % BITS != 0:
-                hi = tl.load(w_ptrs + stride_wk, mask=(k_ok & straddles)[:, None] & n_ok, other=0)
-                hi = hi.to(tl.uint32, bitcast=True)
-        elif 32 % BITS == 0:
-            # Word r of the tile holds k = r * (32 // BITS) + j at shift j * BITS: load the
-            # WORDS rows once and repeat each 32 // BITS times.
-            offs_w = tl.arange(0, WORDS)
-            if EVEN_K:
-                w_ok = offs_w < WORDS
-            else:
-                w_ok = t * BLOCK_K + offs_w * (32 // BITS) < K
-            words = tl.load(w_tile + offs_w[:, None] * stride_wk + cols_w, mask=w_ok[:, None] & n_ok, other=0)
-            lo = _repeat_rows(words.to(tl.uint32, bitcast=True), WORDS, 32 // BITS, BLOCK_N)
-        else:
-            # Runs of BITS words: load word j of every run of the tile once, repeat it over
-            # the run's 32 integers, and pick per k its word (lo) and the next one (hi).
-            offs_run = tl.arange(0, RUNS)
-            if EVEN_K:
-                run_ok = offs_run < RUNS
-            else:
-                run_ok = t * RUNS + offs_run < K // 32
-            run_ptrs = w_tile + (offs_run * BITS)[:, None] * stride_wk + cols_w  # word 0 of each run
-            run_mask = run_ok[:, None] & n_ok
-            lo = _repeat_rows(tl.load(run_ptrs, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
-                              RUNS, 32, BLOCK_N)
-            hi = _repeat_rows(tl.load(run_ptrs + stride_wk, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
-                              RUNS, 32, BLOCK_N)
-            lo = tl.where(word_in_run[:, None] == 1, hi, lo)
-            for j in tl.static_range(2, BITS):
-                wj = _repeat_rows(
-                    tl.load(run_ptrs + j * stride_wk, mask=run_mask, other=0).to(tl.uint32, bitcast=True),
-                    RUNS, 32, BLOCK_N)
-                lo = tl.where(word_in_run[:, None] == j, wj, lo)
-                hi = tl.where(word_in_run[:, None] == j - 1, wj, hi)
-        q = lo >> shift[:, None]  # logical shift: uint32
-        if 32 % BITS != 0:
-            q = q | tl.where(straddles[:, None], hi << hi_shift[:, None], 0)
-        qf = (q & VALUE_MASK).to(tl.float32)  # [BK, BN], exact
-
-        # ---- dequantize: w = (q - z) * s = q * s - z * s, exact in fp32 ----
-        if GROUP_SIZE == -1 or BLOCK_K <= GROUP_SIZE:
-            # The whole tile lies in one group: one row of scales (and zeros).
-            if GROUP_SIZE == -1:
-                g = 0
-            else:
-                g = (t * BLOCK_K) // GROUP_SIZE
-            s = tl.load(scales_ptr + g * stride_sg + s_cols, mask=mask_n, other=0.0).to(tl.float32)
-            if SYM:
-                zs = s * (1 << (BITS - 1))
-            else:
-                z = tl.load(qzeros_ptr + g * stride_zg + z_cols, mask=mask_n, other=0).to(tl.float32)
-                zs = z * s
-            w = qf * s[None, :] - zs[None, :]
-        else:
-            # The tile holds BLOCK_K // GROUP_SIZE whole groups: load their rows once and
-            # repeat each over its GROUP_SIZE values of k.
-            NG: tl.constexpr = BLOCK_K // GROUP_SIZE
-            offs_g = (t * BLOCK_K) // GROUP_SIZE + tl.arange(0, NG)
-            if EVEN_K:
-                g_ok = offs_g >= 0
-            else:
-                g_ok = offs_g < K // GROUP_SIZE
-            g_mask = g_ok[:, None] & n_ok
-            s = tl.load(scales_ptr + offs_g[:, None] * stride_sg + s_cols[None, :], mask=g_mask,
-                        other=0.0).to(tl.float32)  # [NG, BN]
-            if SYM:
-                zs = s * (1 << (BITS - 1))
-            else:
-                z = tl.load(qzeros_ptr + offs_g[:, None] * stride_zg + z_cols[None, :], mask=g_mask,
-                            other=0).to(tl.float32)
-                zs = z * s
-            w = qf * _repeat_rows(s, NG, GROUP_SIZE, BLOCK_N) - _repeat_rows(zs, NG, GROUP_SIZE, BLOCK_N)
-
-        if BLOCK_M < 16:
-            # Decode: no tensor cores for so few rows; products and the sum over k in fp32, the
-            # weights rounded to the activation dtype as on the tensor-core path.
-            wf = w.to(a.dtype).to(tl.float32)
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * wf[None, :, :], axis=1)
-        elif DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a.dtype))
+        w = load_dequantized_tile(w_tile, scales_ptr, qzeros_ptr, t, K, offs_n, mask_n,
+                                  stride_wk, stride_wn, stride_sg, stride_sn, stride_zg, stride_zn,
+                                  BITS, GROUP_SIZE, SYM, BLOCK_K, BLOCK_N, GATHER_WORDS, EVEN_K)
+        acc = multiply_accumulate(acc, a, w, BLOCK_M, DOT_FP32)
         w_tile += w_step
 
     if HAS_BIAS:
