@@ -319,9 +319,12 @@ CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, V
 ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense"),
          "cpu_amx": ("vllm", "vllm_4bit", "cpu_int4", "dense")}
 FORCE_SETTING = "SIGNROUND_KERNEL"
-# Mixture-of-experts layers have their own candidates (signround_vllm.moe); the setting forces them when it
-# names one of these ("dense" forces both kinds of layer to dequantized weights).
-MOE_ORDER = ("vllm_cpu_int4", "dense")
+# Mixture-of-experts layers have their own candidates and order (signround_vllm.moe). The setting forces
+# them when it names one of these: "triton" and "dense" force both kinds of layer, "vllm_cpu_int4" the
+# experts only. On CUDA our Triton fused-MoE kernel leads (vLLM's own int4 MoE kernels would need a
+# repack like the linear layers' and have not been wired in).
+MOE_ORDER = {"cuda": ("triton", "dense"), "cpu": ("vllm_cpu_int4", "dense")}
+MOE_KERNELS = ("triton", "vllm_cpu_int4", "dense")
 _logged: set[tuple] = set()
 
 
@@ -340,12 +343,12 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
     from vllm.logger import init_logger
 
     logger = init_logger("vllm.signround")
-    if forced in MOE_ORDER and forced not in CANDIDATES:
+    if forced in MOE_KERNELS and forced not in CANDIDATES:
         forced = None  # names an expert kernel: linear layers choose as usual
     if forced:
         if forced not in CANDIDATES:
             raise ValueError(f"{FORCE_SETTING}={forced!r} names no SignRound kernel; choose one of "
-                             f"{list(CANDIDATES)} (linear layers) or {list(MOE_ORDER)} (mixture-of-experts layers)")
+                             f"{list(CANDIDATES)} (linear layers) or {list(MOE_KERNELS)} (mixture-of-experts layers)")
         names = (forced,)
     else:
         names = order or default_order(g.device.type)

@@ -7,8 +7,11 @@ along the output) and `w2_*` (down), each [experts, *packed shape], in the packe
 input-first orientation (`is_transposed`, as GPTQ's). vLLM fuses every expert of a layer, so all of
 them must share one setting for gate/up and one for down; a checkpoint that breaks this is refused.
 
-Serving, one of these kernels per layer, the first that can serve it (`MOE_ORDER`), or the one forced
-by the `SIGNROUND_KERNEL` setting when it names one of them:
+Serving, one of these kernels per layer, the first of its device's `MOE_ORDER` that can serve it, or the
+one forced by the `SIGNROUND_KERNEL` setting when it names one of them:
+  `triton`         our Triton fused-MoE kernel (`torch.ops.signround.fused_experts`), reading the packed
+                   experts directly at every bit width: CUDA (on CPU only inside Triton's interpreter,
+                   for tests).
   `vllm_cpu_int4`  vLLM's own int4 MoE kernel for x86 CPUs with AMX (`CPUExpertsInt4`; W4A8: it
                    quantizes activations to int8 per token, so results differ from the dequantized
                    weights by that rounding, about 1% of the output). 2- and 3-bit experts go in 4-bit
@@ -30,7 +33,7 @@ from signround_vllm.format import (
     QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, SignRoundConfig, SignRoundFormatError,
     dequantize_packed, pack_int_weights, packed_tensor_specs, unpack_int_weights,
 )
-from signround_vllm.kernels import FORCE_SETTING, MOE_ORDER, W4A8_SETTING
+from signround_vllm.kernels import FORCE_SETTING, MOE_KERNELS, MOE_ORDER, W4A8_SETTING
 
 logger = init_logger("vllm.signround")
 
@@ -90,6 +93,27 @@ def cpu_int4_experts_usable(moe, specs: dict[str, LayerQuantSpec], groups: dict[
     return True, None
 
 
+def triton_experts_usable(moe, act_dtype: torch.dtype, device_type: str) -> tuple[bool, str | None]:
+    """Whether our Triton fused-MoE kernel can serve a layer, and why not."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    try:
+        from signround_triton import fused_moe
+    except ImportError as e:
+        return False, f"signround_triton.fused_moe is not importable ({e})"
+    if device_type == "cpu" and not fused_moe.is_interpreted():
+        return False, "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    if device_type not in ("cpu", "cuda"):
+        return False, f"needs a CUDA device (this one is {device_type})"
+    if act_dtype not in (torch.float16, torch.bfloat16):
+        return False, f"activation dtype {act_dtype} (supported: float16, bfloat16)"
+    if moe.activation != MoEActivation.SILU or not moe.is_act_and_mul:
+        return False, f"takes SiLU-and-multiply experts only (this layer: {moe.activation})"
+    if moe.moe_parallel_config.use_ep:
+        return False, "does not take expert parallelism yet"
+    return True, None
+
+
 def to_cpu_int4_experts(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                         spec: LayerQuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacked experts [E, ...] of the packed format -> the GPTQ-style input of vLLM's CPU int4 MoE kernel:
@@ -133,25 +157,38 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
         self.groups = {stem: self.specs[stem].effective_group_size(k) for stem, k in inputs.items()}
         self.kernel_name = self._choose_kernel(forced_kernel)
 
+    def _usable(self, name: str) -> tuple[bool, str | None]:
+        from vllm.platforms import current_platform
+
+        if name == "vllm_cpu_int4":
+            return cpu_int4_experts_usable(self.moe, self.specs, self.groups)
+        if name == "triton":
+            return triton_experts_usable(self.moe, self.moe.in_dtype, current_platform.device_type)
+        return True, None
+
     def _choose_kernel(self, forced: str | None) -> str:
+        from vllm.platforms import current_platform
+
         reasons = []
-        names = (forced,) if forced in MOE_ORDER else MOE_ORDER
+        names = (forced,) if forced in MOE_KERNELS else MOE_ORDER.get(current_platform.device_type, ("dense",))
         for name in names:
-            ok, why = cpu_int4_experts_usable(self.moe, self.specs, self.groups) if name == "vllm_cpu_int4" else (True, None)
+            ok, why = self._usable(name)
             if ok:
-                how = f"forced by {FORCE_SETTING}={forced}" if forced in MOE_ORDER else "chosen"
-                detail = f"; not vllm_cpu_int4: {'; '.join(reasons)}" if reasons else ""
+                how = f"forced by {FORCE_SETTING}={forced}" if forced in MOE_KERNELS else "chosen"
+                detail = f"; passed over: {'; '.join(reasons)}" if reasons else ""
                 key = (name, self.specs["w13"], self.specs["w2"], how, detail)
                 if key not in _logged:
                     _logged.add(key)
-                    what = ("dequantized at load to the activation dtype, run by vLLM's unquantized MoE kernels "
-                            "(no memory saving)" if name == "dense" else "packed int4, W4A8")
+                    what = {"dense": "dequantized at load to the activation dtype, run by vLLM's unquantized MoE "
+                                     "kernels (no memory saving)",
+                            "vllm_cpu_int4": "vLLM's CPU int4 MoE kernel, packed, W4A8",
+                            "triton": "packed experts through torch.ops.signround.fused_experts"}[name]
                     log = logger.warning if name == "dense" and how == "chosen" else logger.info
                     log("signround: mixture-of-experts layers (e.g. %s, gate/up %s, down %s) use kernel '%s' = %s "
                         "(%s%s)", self.prefix, self.specs["w13"].short_name(), self.specs["w2"].short_name(), name,
                         what, how, detail)
                 return name
-            reasons.append(why)
+            reasons.append(f"{name}: {why}")
         raise ValueError(f"{self.prefix}: {FORCE_SETTING}={forced} cannot serve these experts: {'; '.join(reasons)}")
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
@@ -226,8 +263,45 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
         self._check_every_expert_loaded(layer)
         if self.kernel_name == "vllm_cpu_int4":
             self._prepare_cpu_int4(layer)
+        elif self.kernel_name == "triton":
+            self._prepare_triton(layer)
         else:
             self._prepare_dense(layer)
+
+    def _prepare_triton(self, layer) -> None:
+        from signround_triton import fused_moe, ops  # noqa: F401  ops registers torch.ops.signround.fused_experts
+
+        for stem, (k, n) in self.geometry.items():
+            for suffix in (QWEIGHT, SCALES, QZEROS):
+                if hasattr(layer, f"{stem}_{suffix}"):
+                    p = getattr(layer, f"{stem}_{suffix}")
+                    delattr(layer, f"{stem}_{suffix}")
+                    layer.register_parameter(f"{stem}_{suffix}",
+                                             torch.nn.Parameter(p.data.contiguous(), requires_grad=False))
+            fused_moe.check_experts(self._packed_experts(layer, stem), f"{self.prefix} {stem}", k, n)
+
+    def _packed_experts(self, layer, stem: str):
+        from signround_triton.fused_moe import PackedExperts
+
+        spec = self.specs[stem]
+        return PackedExperts(getattr(layer, f"{stem}_{QWEIGHT}"), getattr(layer, f"{stem}_{SCALES}"),
+                             getattr(layer, f"{stem}_{QZEROS}", None), spec.bits, spec.group_size)
+
+    @property
+    def is_monolithic(self) -> bool:
+        return False if self.kernel_name == "triton" else super().is_monolithic
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        if self.kernel_name != "triton":
+            return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        if layer.apply_router_weight_on_input:  # the router weight scales the input (top-1 routing only)
+            x = x * topk_weights.to(x.dtype)
+            topk_weights = torch.ones_like(topk_weights)
+        w13, w2 = self.specs["w13"], self.specs["w2"]
+        return torch.ops.signround.fused_experts(
+            x, layer.w13_qweight, layer.w13_scales, getattr(layer, f"w13_{QZEROS}", None), w13.bits, w13.group_size,
+            layer.w2_qweight, layer.w2_scales, getattr(layer, f"w2_{QZEROS}", None), w2.bits, w2.group_size,
+            topk_weights, topk_ids)
 
     def _prepare_cpu_int4(self, layer) -> None:
         from vllm import _custom_ops as ops

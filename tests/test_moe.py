@@ -347,7 +347,7 @@ def test_expert_kernel_choice_and_forcing(monkeypatch):
     method.moe, method.specs, method.groups, method.prefix = moe, {"w13": w4, "w2": w4}, groups, "model.layers.0.mlp.experts"
     assert method._choose_kernel(None) == "dense"
     assert method._choose_kernel("cpu_int4") == "dense"  # a linear kernel's name: experts choose as usual
-    with pytest.raises(ValueError, match=r"SIGNROUND_KERNEL=vllm_cpu_int4 cannot serve these experts: needs an x86"):
+    with pytest.raises(ValueError, match=r"SIGNROUND_KERNEL=vllm_cpu_int4 cannot serve these experts: vllm_cpu_int4: needs an x86"):
         method._choose_kernel("vllm_cpu_int4")
     monkeypatch.setattr(cpu_moe.CPUExpertsInt4, "_supports_current_device", staticmethod(lambda: True))
     assert method._choose_kernel(None) == "vllm_cpu_int4"
@@ -382,6 +382,58 @@ def test_gptq_and_awq_exports_of_experts_are_served_by_vllms_own_methods(fmt, fa
         for t in ("qweight", "qzeros", "scales", *(("g_idx",) if fmt == "gptq" else ()))}
     served = run_on(out, lambda llm: greedy_tokens_and_logprobs(llm, PROMPTS, MAX_TOKENS))
     assert_same_greedy_as(out, ckpt, out=served)
+
+
+TRITON_MOE_SCRIPT = r"""
+import json, sys
+from tests.vllm_utils import greedy_tokens_and_logprobs, make_llm
+import signround_triton.fused_moe as kernel
+
+launches = 0
+launch = kernel.launch_fused_experts
+
+
+def counted_launch(*args, **kwargs):
+    global launches
+    launches += 1
+    return launch(*args, **kwargs)
+
+
+kernel.launch_fused_experts = counted_launch  # the registered operator looks it up on every call
+if __name__ == "__main__":
+    path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = make_llm(path, enforce_eager=False)  # vLLM's torch.compile on
+    out = greedy_tokens_and_logprobs(llm, prompts, n)
+    print("LAUNCHES=" + json.dumps(launches), flush=True)
+    print("TOKENS=" + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_compiled_engine_serves_experts_through_the_triton_moe_operator(moe_models, tmp_path):
+    """vLLM with compilation on and the Triton kernels forced (in the interpreter), on a model with a shared
+    expert and 3-bit routed experts: every MoE layer calls `signround::fused_experts`, and the tokens are
+    those of the dequantized weights."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from tests.test_vllm_plugin import MAX_TOKENS, PROMPTS, assert_same_greedy_as
+    from tests.vllm_utils import run_reporting_script
+
+    ckpt = quantize_checkpoint(moe_models["qwen2_moe"], tmp_path / "q",
+                               SignRoundConfig(default=LayerQuantSpec(3, 32, False))).out_dir
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", SIGNROUND_KERNEL="triton", PYTHONPATH=str(root))
+    script = tmp_path / "moe.py"
+    script.write_text(TRITON_MOE_SCRIPT)
+    found, proc = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS),
+                                        str(MAX_TOKENS)], ("LAUNCHES", "TOKENS"), env, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert "use kernel 'triton' = packed experts through torch.ops.signround.fused_experts (forced by " \
+           "SIGNROUND_KERNEL=triton)" in log, log[-4000:]
+    assert found["LAUNCHES"] >= 2 * MAX_TOKENS, found["LAUNCHES"]  # two MoE layers, every forward step
+    assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"), out=found["TOKENS"])
 
 
 @pytest.mark.slow
