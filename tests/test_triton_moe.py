@@ -582,6 +582,8 @@ def test_every_candidate_compiles_for_sm90():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SIGNROUND_AOT_FULL") != "1",
+                    reason="the full product (~30 s here) runs with SIGNROUND_AOT_FULL=1; the H200 check compiles them all")
 def test_every_candidate_compiles_for_sm90_full():
     """Every candidate x bit width x projection."""
     _run_aot(_aot_cases(full=True))

@@ -367,7 +367,8 @@ _AUTOTUNERS: dict[str, object] = {}
 def _autotuner(bucket: str, configs: tuple[GemmConfig, ...]):
     if bucket not in _AUTOTUNERS:
         _AUTOTUNERS[bucket] = triton.autotune(
-            configs=[triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            configs=[triton.Config({k: v for k, v in c.meta().items() if k != "SPLIT_K"},  # K is never split here
+                                   num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
             key=["N", "K", "BITS", "GROUP_SIZE", "SYM"],  # the dtypes are added by Triton
             prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prune_configs(
                 configs, named_args["K"], tile=lambda c: (c.kwargs["BLOCK_K"], 1))},
