@@ -130,7 +130,7 @@ class Settings:
 TINY = {"input_len": 16, "output_len": 8, "batch_sizes": (1, 8), "latency_warmup": 2, "latency_iters": 5,
         "throughput_prompts": 8, "serve_prompts": 4, "concurrencies": (2,), "eval_windows": 2, "eval_seq_len": 64,
         "completion_tokens": 8, "max_model_len": 256, "enforce_eager": True, "timeout": 300.0,
-        "recipe": "rtn", "forced_kernels": ("vllm",)}
+        "recipe": "rtn", "forced_kernels": ("vllm",), "low_bits": (3,)}
 
 
 @dataclasses.dataclass

@@ -289,7 +289,13 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
 
     @property
     def is_monolithic(self) -> bool:
-        return False if self.kernel_name == "triton" else super().is_monolithic
+        # The base class's rule, spelled out: vLLM's compiled forward reads this property, and
+        # torch.compile cannot trace super() on a property.
+        if self.kernel_name == "triton":
+            return False
+        if self.moe_kernel is not None:
+            return self.moe_kernel.is_monolithic
+        return self.experts_cls.is_monolithic() if getattr(self, "experts_cls", None) is not None else False
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if self.kernel_name != "triton":

@@ -76,7 +76,7 @@ def test_tiny_benchmark_runs_and_every_cell_is_filled(tiny_run):
     assert [(r[0], r[1]) for r in tables[3][1]][:3] == [("bf16", "vs GPTQ W4G128sym"), ("bf16", "vs AWQ W4G128sym"),
                                                         ("SignRound W4G128sym", "vs bf16")]
     assert all(re.fullmatch(r"\d+\.\d\dx", c) for r in tables[3][1] for c in r[2:])
-    assert [r[0] for r in tables[4][1]] == ["16", "4", "3", "2"]
+    assert [r[0] for r in tables[4][1]] == ["16", "4", "3"]
     assert "python benchmarks/serving.py --tiny" in report
 
 
@@ -100,7 +100,7 @@ def test_tiny_benchmark_numbers_are_sane(tiny_run):
         assert v[n]["results"]["disk_bytes"] < v["bf16"]["results"]["disk_bytes"]
         assert v[n]["results"]["loaded_bytes"] < v["bf16"]["results"]["loaded_bytes"]
     # The bit-width part: 2 and 3 bits are served by SignRound, and the exporter's refusal is recorded.
-    for bits in ("3", "2"):
+    for bits in ("3",):  # the tiny run's lower bit widths (2 bits takes the same path)
         for fmt in ("gptq", "awq"):
             answer = data["export_answers"][bits][fmt]
             assert answer.startswith("refused by export:") and f"{bits}-bit" in answer, answer
@@ -119,10 +119,14 @@ def test_tiny_benchmark_chooses_and_forces_kernels(tiny_run):
 
     order = default_order("cpu")  # cpu_int4 first, or vLLM's CPUWNA16 on AMX CPUs
     v = {x["name"]: x["results"] for x in tiny_run[2]["variants"]}
-    assert v["signround"]["kernels"].startswith(order[0])
+
+    def ours(variant):  # the plugin's kernel names in the log ("vllm (CPUWNA16LinearKernel)": "vllm")
+        return {k.split(" ")[0] for k in v[variant]["kernels"].split(", ") if k.split(" ")[0] in order}
+
+    assert ours("signround") == {order[0]}
     assert "vllm (CPUWNA16LinearKernel)" in v["signround-vllm"]["kernels"]
-    assert "cpu_int4" not in v["signround-vllm"]["kernels"]
-    assert v["signround-W3G128sym"]["kernels"].startswith(next(n for n in order if n != "vllm"))  # 3 bits
+    assert ours("signround-vllm") == {"vllm"}
+    assert ours("signround-W3G128sym") == {next(n for n in order if n != "vllm")}  # 3 bits
 
 
 def test_tiny_benchmark_resumes_without_measuring_again(tiny_run):

@@ -1,57 +1,30 @@
 """Tier 1-2: the fused dequant-GEMM Triton kernel against the pure-torch reference.
 
-Without CUDA the kernel runs in Triton's interpreter on CPU tensors. Triton decides
-interpreter or compiler when a function is *created* by ``@triton.jit``: for Triton's own
-library functions (``tl.zeros``, ``tl.cdiv``, ...) when ``triton`` is first imported, for
-the kernel when ``signround_triton.dequant_gemm`` is imported; it reads ``TRITON_INTERPRET``
-again while interpreted kernels run. So this module sets the variable for its imports
-(re-importing the kernel module if another module imported it compiled), restores the
-environment for the modules collected after it, and sets it again around its own tests.
-No other test module imports triton at collection; if one ever does so first, this
-module skips with the reason instead of failing obscurely.
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors, set up as
+tests/triton_interpreter.py explains.
 """
 import importlib
 import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+from tests.triton_interpreter import CUDA, interpreter_env, require_interpreted_triton
+
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@contextmanager
-def _interpreter_env():
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-with _interpreter_env():
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
+with interpreter_env():
     import signround_triton.dequant_gemm as dg
 
     if not CUDA and not dg.is_interpreted():
         dg = importlib.reload(dg)
 
-if not CUDA and not isinstance(tl.zeros, InterpretedFunction):
-    pytest.skip("triton was imported before this module without TRITON_INTERPRET=1, so its library "
-                "functions cannot run in the interpreter; run this module on its own or with "
-                "TRITON_INTERPRET=1 set for the whole session", allow_module_level=True)
+require_interpreted_triton()
 
 from signround_vllm.format import LayerQuantSpec, PackedLinear, SignRoundFormatError, pack_linear  # noqa: E402
 from signround_triton.reference import reference_linear  # noqa: E402
@@ -67,7 +40,7 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_for_this_module():
-    with _interpreter_env():
+    with interpreter_env():
         yield
 
 

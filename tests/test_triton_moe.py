@@ -1,9 +1,7 @@
 """Tier 1-2: the fused mixture-of-experts Triton kernel against the pure-torch reference.
 
-Without CUDA the kernel runs in Triton's interpreter on CPU tensors, set up exactly as in
-tests/test_triton_kernels.py (see its docstring): TRITON_INTERPRET is set for this module's
-imports (re-importing the kernel modules if another module imported them compiled), restored
-for the modules collected after it, and set again around its own tests.
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors, set up as
+tests/triton_interpreter.py explains.
 
 Tolerances (max |y - ref| relative to max |ref|): the reference (``reference_experts``) is fp32
 throughout, the kernel path rounds to the activation dtype four times in a chain: the dequantized
@@ -23,34 +21,17 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+from tests.triton_interpreter import CUDA, interpreter_env, require_interpreted_triton
+
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@contextmanager
-def _interpreter_env():
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-with _interpreter_env():
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
+with interpreter_env():
     import signround_triton.dequant_gemm as dg
     import signround_triton.fused_moe as fm
 
@@ -59,10 +40,7 @@ with _interpreter_env():
     if not CUDA and (not fm.is_interpreted() or fm.load_dequantized_tile is not dg.load_dequantized_tile):
         fm = importlib.reload(fm)  # it holds the dense module's helpers: re-bind them too
 
-if not CUDA and not isinstance(tl.zeros, InterpretedFunction):
-    pytest.skip("triton was imported before this module without TRITON_INTERPRET=1, so its library "
-                "functions cannot run in the interpreter; run this module on its own or with "
-                "TRITON_INTERPRET=1 set for the whole session", allow_module_level=True)
+require_interpreted_triton()
 
 from signround_vllm.format import LayerQuantSpec, PackedLinear, SignRoundFormatError, pack_linear  # noqa: E402
 from signround_triton.reference import reference_experts, reference_linear  # noqa: E402
@@ -78,7 +56,7 @@ UNUSED_EXPERT = 2  # routed no tokens in the matrix of cases
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_for_this_module():
-    with _interpreter_env():
+    with interpreter_env():
         yield
 
 
@@ -246,6 +224,9 @@ def test_matches_reference(bits, group_size):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SIGNROUND_TRITON_FULL") != "1",
+                    reason="the full product (~50 s here) runs with SIGNROUND_TRITON_FULL=1; test_matches_reference "
+                           "deals every bit width, group size, symmetry and dtype, and the GPU check runs them all")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("group_size", GROUPS)

@@ -72,9 +72,6 @@ def compile_ahead_of_time(case: AotCase, capability: int = 90):
     The signature is that of a launch on contiguous tensors as the JIT would see it:
     unit strides specialized to 1, pointers and N, K, row strides 16-aligned.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     config = case.config
     check_config(config, case.group_size)
     fn = dequant_gemm_kernel.fn
@@ -96,6 +93,22 @@ def compile_ahead_of_time(case: AotCase, capability: int = 90):
         constexprs.update(qzeros_ptr=None, stride_zg=0, stride_zn=0)
     if not case.has_bias:
         constexprs["bias_ptr"] = None
+    return compile_for_cuda(fn, pointers, constexprs,
+                            lambda name: (name != "M") if name in ints else None,  # any batch size M
+                            config.num_warps, config.num_stages, capability)
+
+
+def compile_for_cuda(fn, pointers: dict[str, str], constexprs: dict, int_aligned, num_warps: int, num_stages: int,
+                     capability: int = 90):
+    """Triton's CompiledKernel of the JIT function `fn` for a CUDA target, without a GPU.
+
+    `constexprs` are specialized; `pointers` (name -> type such as "*fp16") are 16-byte aligned; every
+    other argument is an i32, 16-aligned where `int_aligned(name)` is true (None: the argument has no
+    ahead-of-time type, which is an error).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -103,15 +116,16 @@ def compile_ahead_of_time(case: AotCase, capability: int = 90):
         elif name in pointers:
             signature[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ints:
-            signature[name] = "i32"
-            if name != "M":  # any batch size; N, K and the row strides are 16-aligned in practice
-                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            raise AssertionError(f"kernel argument {name} has no ahead-of-time type")
+            aligned = int_aligned(name)
+            if aligned is None:
+                raise AssertionError(f"kernel argument {name} has no ahead-of-time type")
+            signature[name] = "i32"
+            if aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:

@@ -483,8 +483,7 @@ def compile_ahead_of_time(config: GemmConfig, bits: int, group_size: int, sym: b
     that of contiguous tensors: unit strides specialized to 1, pointers, N, K and the other
     strides 16-aligned. Needs TRITON_INTERPRET unset when this module is imported.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from signround_triton.aot_check import compile_for_cuda
 
     if projection not in ("up", "down"):
         raise ValueError(f"projection={projection!r}; expected 'up' or 'down'")
@@ -509,17 +508,6 @@ def compile_ahead_of_time(config: GemmConfig, bits: int, group_size: int, sym: b
         constexprs["routing_weights_ptr"] = None
     if sym:
         constexprs.update(qzeros_ptr=None, stride_ze=0, stride_zg=0, stride_zn=0)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:  # sizes and strides
-            signature[name] = "i32"
-            if name.startswith("stride") or name in ("N", "K"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compile_for_cuda(fn, pointers, constexprs,
+                            lambda name: name.startswith("stride") or name in ("N", "K"),  # the rest: sizes
+                            config.num_warps, config.num_stages, capability)
