@@ -3,6 +3,7 @@
 Without CUDA the kernel runs in Triton's interpreter on CPU tensors, set up as
 tests/triton_interpreter.py explains.
 """
+import functools
 import importlib
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.triton_interpreter import CUDA, interpreter_env, require_interpreted_triton
+from tests.triton_interpreter import CUDA, interpreter_env, random_x, require_interpreted_triton
+from tests.triton_interpreter import check_close as shared_check_close
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -79,21 +81,7 @@ def run_kernel(x, packed: PackedLinear, bias=None, config=None):
     return y.cpu()
 
 
-def check_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = ""):
-    assert y.dtype == dtype, f"{what}: output dtype {y.dtype}, expected {dtype}"
-    assert y.shape == ref.shape, f"{what}: output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
-    assert not torch.isnan(y).any(), f"{what}: NaN in the kernel output"
-    assert not torch.isinf(y).any(), f"{what}: inf in the kernel output"
-    scale = ref.abs().max().item()
-    assert scale > 0, f"{what}: degenerate reference"
-    err = (y.float() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3e} of the output scale {scale:.3g} " \
-                                    f"exceeds {TOLERANCE[dtype]:.0e}"
-    return err
-
-
-def random_x(m: int, k: int, dtype, seed: int) -> torch.Tensor:
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+check_close = functools.partial(shared_check_close, tolerance=TOLERANCE)
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ weight gives errors of the order of the output itself, and test_grouped_gemm_exa
 checks one projection bit for bit (a single wrong integer shows there, not here).
 """
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -26,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.triton_interpreter import CUDA, interpreter_env, require_interpreted_triton
+from tests.triton_interpreter import CUDA, interpreter_env, random_x, require_interpreted_triton
+from tests.triton_interpreter import check_close as shared_check_close
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -114,21 +116,7 @@ def run_moe(x, w13, w2, weights, ids, config=None) -> torch.Tensor:
     return y.cpu()
 
 
-def check_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> float:
-    assert y.dtype == dtype, f"{what}: output dtype {y.dtype}, expected {dtype}"
-    assert y.shape == ref.shape, f"{what}: output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
-    assert not torch.isnan(y).any(), f"{what}: NaN in the kernel output"
-    assert not torch.isinf(y).any(), f"{what}: inf in the kernel output"
-    scale = ref.abs().max().item()
-    assert scale > 0, f"{what}: degenerate reference"
-    err = (y.float() - ref).abs().max().item() / scale
-    assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3e} of the output scale {scale:.3g} " \
-                                    f"exceeds {TOLERANCE[dtype]:.0e}"
-    return err
-
-
-def random_x(m: int, k: int, dtype, seed: int) -> torch.Tensor:
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+check_close = functools.partial(shared_check_close, tolerance=TOLERANCE)
 
 
 def shapes_for(group13: int, group2: int) -> tuple[int, int]:

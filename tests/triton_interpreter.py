@@ -39,3 +39,22 @@ def require_interpreted_triton() -> None:
                            "(a test module imports triton or vLLM at collection?), so its library functions "
                            "cannot run in the interpreter; move that import into the test, or set "
                            "TRITON_INTERPRET=1 for the whole session")
+
+
+def check_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", *, tolerance) -> float:
+    """Kernel output `y` against the fp32 reference: dtype, shape, no NaN/inf, and max |y - ref| within
+    tolerance[dtype] of max |ref|. Returns that relative error."""
+    assert y.dtype == dtype, f"{what}: output dtype {y.dtype}, expected {dtype}"
+    assert y.shape == ref.shape, f"{what}: output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
+    assert not torch.isnan(y).any(), f"{what}: NaN in the kernel output"
+    assert not torch.isinf(y).any(), f"{what}: inf in the kernel output"
+    scale = ref.abs().max().item()
+    assert scale > 0, f"{what}: degenerate reference"
+    err = (y.float() - ref).abs().max().item() / scale
+    assert err <= tolerance[dtype], f"{what}: max error {err:.3e} of the output scale {scale:.3g} " \
+                                    f"exceeds {tolerance[dtype]:.0e}"
+    return err
+
+
+def random_x(m: int, k: int, dtype, seed: int) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
