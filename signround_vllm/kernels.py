@@ -198,7 +198,7 @@ def cpu_w4a8(act_dtype: torch.dtype) -> bool:
     is opt-in: only when VLLM_CPU_INT4_W4A8=1 is set. By default they run W4A16, the dequantized weights
     within bf16 rounding: on SmolLM2-135M W4G64, W4A8 served a perplexity 2.7% above the dequantized
     weights' (tests/test_real_model.py), while W4A16 runs at about bf16's speed on an AMX Xeon
-    (benchmarks/results/cpu-kernel-table-amx-1-thread.md)."""
+    (benchmarks/results/cpu-kernel-table-amx-1-thread-w4a16.md)."""
     return (torch.cpu._is_amx_tile_supported() and act_dtype == torch.bfloat16
             and os.environ.get(W4A8_SETTING) == "1")
 
@@ -314,7 +314,7 @@ CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, V
 # CPUWNA16 kernel was at par, and no slower than CPUWNA16 at larger batches: see cpu_int4);
 # vLLM's kernel takes the layers it cannot hold. On CPUs with AMX the int4-pack kernel may not run
 # (see cpu_int4.int4pack_kernel_usable) and vLLM's CPUWNA16 leads: W4A16 by default, about a bf16
-# GEMM's speed (0.9-1.06x per block at M = 1 to 64) where the tiles of cpu_int4 run 0.14-0.22x; W4A8
+# GEMM's speed (0.9-1.06x per block at M = 1 to 64; ...-w4a16.md) where the tiles of cpu_int4 run 0.14-0.22x; W4A8
 # when opted in (cpu_w4a8), 3.9x at M = 1 (benchmarks/results/cpu-kernel-table-amx-1-thread.md).
 ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense"),
          "cpu_amx": ("vllm", "vllm_4bit", "cpu_int4", "dense")}
