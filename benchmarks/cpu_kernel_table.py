@@ -163,7 +163,7 @@ def render(args, shapes, ms, times, found: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="1b", choices=sorted(k for k, s in SHAPES.items() if "experts" not in s))
     ap.add_argument("--m", default="1,2,4,8,16,32,64,96,128,192,256", help="batch rows, comma-separated")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--min-seconds", type=float, default=0.1, help="per path per repetition")

@@ -28,12 +28,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.benchlib import GiB, Measured, idle_baseline_bytes, log, machine, run_measured  # noqa: E402
 
-SHAPES = {  # Llama 3.x dimensions; vocabulary 128256
+SHAPES = {  # Llama 3.x dimensions (vocabulary 128256); a mixture of experts with Qwen3-30B-A3B's blocks
     "1b": dict(name="Llama-3.2-1B", hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, tie=True),
     "3b": dict(name="Llama-3.2-3B", hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, tie=True),
     "8b": dict(name="Llama-3.1-8B", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, tie=False),
+    # 6 of the model's 48 blocks (8.7 GB in bf16 instead of 61): every block has the same shape, so speed
+    # ratios per block hold, while the whole model would not fit this machine's memory.
+    "30b-a3b": dict(name="Qwen3-30B-A3B-6of48blocks", family="qwen3_moe", hidden=2048, layers=6, heads=32,
+                    kv_heads=4, head_dim=128, experts=128, experts_per_token=8, expert_intermediate=768,
+                    intermediate=6144, vocab=151936, tie=False),
 }
-VOCAB = 128256
+VOCAB = 128256  # Llama 3.x
 SCALE_DIR = REPO / ".cache" / "scale"
 COMPLETE = ".complete"
 
@@ -42,44 +47,78 @@ def tag(msg: str) -> None:
     log("scale", msg)
 
 
+def shape_config(shape: dict, bos: int = 1, eos: int = 2):
+    """The transformers config (bf16) of a shape."""
+    import torch
+    from transformers import CONFIG_MAPPING
+
+    settings = dict(vocab_size=shape.get("vocab", VOCAB), hidden_size=shape["hidden"],
+                    intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                    num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                    tie_word_embeddings=shape["tie"], max_position_embeddings=8192, bos_token_id=bos,
+                    eos_token_id=eos, dtype=torch.bfloat16)
+    if "head_dim" in shape:
+        settings["head_dim"] = shape["head_dim"]
+    family = shape.get("family", "llama")
+    if family == "qwen3_moe":
+        settings.update(num_experts=shape["experts"], num_experts_per_tok=shape["experts_per_token"],
+                        moe_intermediate_size=shape["expert_intermediate"], decoder_sparse_step=1,
+                        norm_topk_prob=True, mlp_only_layers=[])
+    return CONFIG_MAPPING[family](**settings)
+
+
 def model_params(shape: dict) -> int:
-    h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
-    kv = h // shape["heads"] * shape["kv_heads"]
-    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return layers * block + VOCAB * h * (1 if shape["tie"] else 2) + h
+    """Parameters of a shape (tied weights once), counted on an empty model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(shape_config(shape))
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_moe(shape: dict) -> bool:
+    return "experts" in shape
 
 
 def write_random_model(key: str) -> Path:
-    """The shape's random bf16 model as 5 GB shards, written tensor by tensor (bounded memory); once."""
+    """The shape's random bf16 model as 5 GB shards under the names its real checkpoints use (per-expert
+    tensors for a mixture of experts), written tensor by tensor (bounded memory); once."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offline_tuner.default_model import prepare_default_model
     from offline_tuner.model_source import tied_parameter_names
+    from offline_tuner.stored_layout import row_count, stored_layout
     from signround_vllm.shards import ShardedWriter, TensorEntry
 
     shape = SHAPES[key]
     folder = SCALE_DIR / shape["name"]
     if (folder / COMPLETE).is_file():
         return folder
-    need = model_params(shape) * 2 * 1.1
-    free = shutil.disk_usage(SCALE_DIR.parent).free
+    params = model_params(shape)
+    need = params * 2 * 1.1
+    SCALE_DIR.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(SCALE_DIR).free
     if free < need:
         raise SystemExit(f"{shape['name']}: needs about {need / 1e9:.0f} GB of free disk for its shards, "
                          f"{free / 1e9:.0f} GB free")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], tie_word_embeddings=shape["tie"],
-                         max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, dtype=torch.bfloat16)
+    config = shape_config(shape, tokenizer.bos_token_id, tokenizer.eos_token_id)
     with init_empty_weights():
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     tied = tied_parameter_names(model)
-    entries = [TensorEntry(n, torch.bfloat16, tuple(p.shape)) for n, p in model.named_parameters() if n not in tied]
+    names = [n for n, _ in model.named_parameters() if n not in tied]
+    state = dict(model.named_parameters())
+    entries = []  # (stored name, shape)
+    for name, pieces in stored_layout(model, names).pieces.items():
+        full = tuple(state[name].shape)
+        for piece in pieces:
+            stored_shape = full if piece.rows == row_count(full) else (piece.rows, full[-1])  # one expert's rows
+            entries.append(TensorEntry(piece.stored, torch.bfloat16, stored_shape))
     writer = ShardedWriter(folder, entries)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -87,10 +126,11 @@ def write_random_model(key: str) -> Path:
         value = (torch.ones(e.shape) if "norm" in e.name else torch.randn(e.shape, generator=gen) * 0.02)
         writer.write(e.name, value.to(torch.bfloat16))
     writer.finish()
+    config.architectures = [type(model).__name__]  # vLLM picks the model class from it
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / COMPLETE).write_text(json.dumps({"params": model_params(shape)}))
-    tag(f"wrote {shape['name']} ({model_params(shape) / 1e9:.2f}B parameters) in {time.perf_counter() - t0:.0f} s")
+    (folder / COMPLETE).write_text(json.dumps({"params": params}))
+    tag(f"wrote {shape['name']} ({params / 1e9:.2f}B parameters) in {time.perf_counter() - t0:.0f} s")
     return folder
 
 

@@ -101,6 +101,7 @@ class Settings:
     timeout: float = 900.0  # seconds, per subprocess step (engine start included)
     repeats: int = 1  # rounds of every timed step, variants interleaved within each round
     forced_kernels: tuple[str, ...] = ()  # extra SignRound rows with $SIGNROUND_KERNEL set to each name
+    signround_envs: tuple[str, ...] = ()  # extra SignRound rows with NAME=VALUE set (e.g. VLLM_CPU_INT4_W4A8=1)
     low_bits_perf: bool = False  # time the lower-bit SignRound checkpoints too (else weights and quality only)
     quality: bool = True  # held-out perplexity and completions (off for random-weight models)
 
@@ -120,6 +121,9 @@ class Settings:
         unknown = [k for k in self.forced_kernels if k not in CANDIDATES]
         if unknown:
             problems.append(f"--forced-kernels {unknown}: not SignRound kernels; choose from {list(CANDIDATES)}")
+        bad_envs = [e for e in self.signround_envs if "=" not in e or not e.partition("=")[0]]
+        if bad_envs:
+            problems.append(f"--signround-envs {bad_envs}: write NAME=VALUE")
         if any(b not in (2, 3, 4, 8) for b in (self.bits, *self.low_bits)):
             problems.append(f"bits must be 2, 3, 4 or 8; got --bits {self.bits} --low-bits {list(self.low_bits)}")
         if problems:
@@ -229,6 +233,10 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
             for kernel in s.forced_kernels:  # the same checkpoint, served through another kernel
                 variants.append(Variant(f"signround-{kernel}", f"SignRound {short} ({kernel} forced)", bits, sr.ckpt,
                                         "signround", perf=True, env={"SIGNROUND_KERNEL": kernel}))
+            for setting in s.signround_envs:  # the same checkpoint with an environment setting
+                key, _, value = setting.partition("=")
+                variants.append(Variant(f"signround-{key}-{value}", f"SignRound {short} ({setting})", bits, sr.ckpt,
+                                        "signround", perf=True, env={key: value}))
         refusals[bits] = {}
         for fmt in EXPORT_FORMATS:
             v = Variant(fmt if main else f"{fmt}-{short}", f"{fmt.upper()} {short}", bits,
@@ -852,13 +860,17 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, help="seconds allowed to each subprocess step")
     p.add_argument("--formats", nargs="+", choices=MAIN_FORMATS, default=list(MAIN_FORMATS),
                    help="which formats of the main comparison to measure")
-    p.add_argument("--shape", choices=["1b", "3b", "8b"],
-                   help="a random-weight Llama of this shape (benchmarks/scale.py: Llama-3.2-1B, -3B, 3.1-8B) "
-                        "instead of a real model; speed and memory only (no quality columns)")
+    p.add_argument("--shape", choices=["1b", "3b", "8b", "30b-a3b"],
+                   help="random weights of this shape instead of a real model (benchmarks/scale.py: Llama-3.2-1B, "
+                        "-3B, 3.1-8B; Qwen3-30B-A3B's mixture-of-experts blocks, 6 of 48); speed and memory only "
+                        "(no quality columns)")
     p.add_argument("--repeats", type=int, help="rounds of every timed step, formats interleaved (default 1)")
     p.add_argument("--forced-kernels", nargs="*",
                    help="extra rows: the main SignRound checkpoint served with SIGNROUND_KERNEL set to each name "
                         "(e.g. vllm); default none, vllm in --tiny mode")
+    p.add_argument("--signround-envs", nargs="*", metavar="NAME=VALUE",
+                   help="extra rows: the main SignRound checkpoint served with this environment setting (e.g. "
+                        "VLLM_CPU_INT4_W4A8=1: W4A8 linear layers on AMX, as vLLM's own methods run by default)")
     p.add_argument("--low-bits-perf", action="store_true", default=None,
                    help="time the lower-bit SignRound checkpoints too (latency, throughput, serving)")
     p.add_argument("--resume", action="store_true",
@@ -904,9 +916,11 @@ def main(argv=None) -> int:
 
         model_dir = write_random_model(args.shape)
         shape = SHAPES[args.shape]
-        model_desc = (f"random-weight Llama with the shape of {shape['name']} ({model_params(shape) / 1e9:.2f}B "
-                      f"parameters: hidden {shape['hidden']}, {shape['layers']} blocks, vocabulary 128256"
-                      f"{', tied embedding' if shape['tie'] else ''})")
+        experts = (f", {shape['experts']} experts of intermediate size {shape['expert_intermediate']}, "
+                   f"{shape['experts_per_token']} per token" if "experts" in shape else "")
+        model_desc = (f"random weights with the shape of {shape['name']} ({model_params(shape) / 1e9:.2f}B "
+                      f"parameters: hidden {shape['hidden']}, {shape['layers']} blocks{experts}, vocabulary "
+                      f"{shape.get('vocab', 128256)}{', tied embedding' if shape['tie'] else ''})")
     elif args.model:
         model_dir = Path(args.model).resolve()
         model_desc = f"`{model_dir}`"
