@@ -80,6 +80,32 @@ class ExpertTokenCounter:
             h.remove()
 
 
+class InputEnergy:
+    """Mean squared input of each channel of a block's linear layers while the block runs (the weights of
+    the clipping search), by parameter name; expert weights get none (their tokens differ per expert)."""
+
+    def __init__(self, block: torch.nn.Module, params: list[str]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._hooks = []
+        for name in params:
+            owner = block.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, torch.nn.Linear):
+                self._hooks.append(owner.register_forward_pre_hook(functools.partial(self._add, name)))
+
+    def _add(self, name, module, args) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {n: s / self.counts[n] for n, s in self.sums.items()}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 class WorkFolder:
     """The checkpoint being written, beside its final place (`.NAME.signround-work`): its shards and
     `state.json` (the run's settings and finished blocks). Renamed into place when complete."""
@@ -167,10 +193,12 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
         weights = {n: block.get_parameter(n) for n in params}
         experts = {n: p for n, p in weights.items() if p.dim() == 3}
         counter = ExpertTokenCounter(block, experts)
+        energy = InputEnergy(block, list(weights) if settings.clip_search and i >= work.done_blocks else [])
         try:
             fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets
         finally:
             counter.close()
+            energy.close()
         if i < work.done_blocks:
             packed = {lp.name: _read_packed(writer, lp.name, lp.spec) for lps in params.values() for lp in lps}
             writer.written.update(name for layer, p in packed.items() for name in p.tensors(layer))
@@ -190,7 +218,7 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
             keep_rtn_rows = {n: (c == 0).repeat_interleave(weights[n].shape[1]) for n, c in expert_tokens.items()}
             result: BlockResult = tune_block(block, weights, specs, streams.q, streams.fp, kwargs, settings,
                                              generator_seed=settings.seed * 1000 + i, progress=on_iter,
-                                             keep_rtn_rows=keep_rtn_rows)
+                                             keep_rtn_rows=keep_rtn_rows, importance=energy.means())
             packed = {}
             for n, (q, s, z) in block_integers(weights, specs, result.tunables).items():
                 for lp in params[n]:

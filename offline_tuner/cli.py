@@ -92,6 +92,13 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--minmax-lr", type=float, help="clipping-factor step size (default 1/iters)")
     p.add_argument("--tune-minmax", action=argparse.BooleanOptionalAction, default=True,
                    help="also tune the min/max clipping factors (default on)")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the min/max clipping factors from a per-group grid search (importance: each input "
+                        "channel's mean squared activation) instead of 1.0; with --iters 0, clipping by the search "
+                        "alone (default off)")
+    p.add_argument("--holdout", type=int, metavar="N",
+                   help="calibration windows held back from tuning; a block keeps its tuned weights only if they "
+                        "beat round-to-nearest on them (default 0: judged on a batch of the tuning windows)")
     p.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=True,
                    help="run the block's matmuls in bf16 while tuning, on CUDA or a CPU with native bf16 "
                         "(default on; tunables and loss stay fp32)")
@@ -136,6 +143,7 @@ def tuning_from_args(args):
     tune = dataclasses.replace(tune, **{k: v for k, v in {
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
         "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed,
+        "clip_search": args.clip_search, "holdout": args.holdout,
         "stream_dtype": args.stream_dtype}.items()
         if v is not None})
     calib = dataclasses.replace(calib, **{k: v for k, v in {
@@ -181,20 +189,39 @@ def event_sinks(args):
     return fan_out(ProgressDisplay(), json_log), json_log
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
+
+
+def allocation_from_args(args):
+    from offline_tuner.allocation import Allocation
+
+    if getattr(args, "avg_bits", None) is None:
+        return None
+    return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), args.sym)
+
+
 def cmd_quantize(args) -> int:
     from offline_tuner.quantize import quantize_checkpoint
 
     config = config_from_args(args)
+    allocation = allocation_from_args(args)
     tune, calib = tuning_from_args(args)
     model = resolve_model(args.model)
     method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
-    log(f"quantizing {model} -> {args.out} ({config.default.short_name()}, {method})")
+    if tune.clip_search:
+        method += ", clipping searched first"
+    what = f"mixed bits to {allocation.avg_bits} per weight" if allocation else config.default.short_name()
+    log(f"quantizing {model} -> {args.out} ({what}, {method})")
     events, json_log = event_sinks(args)
     try:
         result = quantize_checkpoint(model, args.out, config, tune=tune, calibration=calib,
                                      overwrite=args.overwrite, resume=args.resume, progress=log, events=events,
                                      max_shard_bytes=args.max_shard_size, device=args.device,
-                                     stream_budget_bytes=args.max_memory)
+                                     stream_budget_bytes=args.max_memory, allocation=allocation)
     finally:
         if json_log:
             json_log.close()
@@ -280,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--log-json", metavar="FILE",
                    help="append one JSON object per event to FILE (run_started, iteration, block_done with losses, "
                         "seconds and peak memory, run_finished), for scripts")
+    mixed = q.add_argument_group("mixed bits (per-layer bits and group sizes chosen to an average budget)")
+    mixed.add_argument("--avg-bits", type=float, metavar="BITS",
+                       help="average stored bits per quantized weight, scales and zero points included (W3G64 asym "
+                            "costs 3.375): each group of layers vLLM fuses gets the setting among the choices below "
+                            "that the model's sensitivity favours, within the budget; --bits/--group-size are then "
+                            "ignored, --sym applies to every choice")
+    mixed.add_argument("--bit-choices", type=_int_list, default=(2, 3, 4, 8), metavar="B,B,...",
+                       help="bit widths to choose from (default 2,3,4,8)")
+    mixed.add_argument("--group-choices", type=_int_list, default=(32, 64, 128), metavar="G,G,...",
+                       help="group sizes to choose from (default 32,64,128)")
     add_quant_args(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -41,6 +41,11 @@ def model_card(base_model: str, config: SignRoundConfig, layers: Mapping[str, ob
               f"| layers by setting | {', '.join(f'{k}: {v}' for k, v in sorted(settings.items()))} |",
               f"| left unquantized | {', '.join(config.modules_to_not_convert) or 'none'} |",
               f"| bits per quantized weight | {average_bits(layers):.2f} (scales and zero points included) |"]
+    allocation = run_log.get("allocation")
+    if allocation:
+        lines.append(f"| mixed bits | chosen per group of fused layers for a budget of {allocation['target_bits']} bits "
+                     f"per weight from {', '.join(allocation['candidates'])}, by each group's measured sensitivity "
+                     f"(see `{run_log_file}`) |")
     if tuned:
         lines += [f"| calibration | {tuner.get('n_samples')} x {tuner.get('seq_len')} tokens of "
                   f"{tuner.get('calibration')} |",

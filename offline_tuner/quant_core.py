@@ -108,3 +108,35 @@ def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_el
         scales.append(sc)
         zeros.append(zc.to(torch.uint8) if zc is not None else None)
     return q, torch.cat(scales), (torch.cat(zeros) if zeros[0] is not None else None)
+
+
+CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+
+
+@torch.no_grad()
+def search_clipping(w: torch.Tensor, spec: LayerQuantSpec, importance: torch.Tensor | None = None,
+                    grid: tuple[float, ...] = CLIP_GRID, max_elements: int = 1 << 22) -> torch.Tensor:
+    """Per group, the clipping factor (applied to both the group's max and min) of `grid` whose
+    round-to-nearest error sum_k importance_k * (w_k - q(w)_k)^2 is smallest; ties keep the larger factor,
+    so 1.0 (plain min/max) wins unless clipping helps. w: [N, K]; importance: [K] (for example the mean
+    squared input of each channel) or None (all 1). Returns [N, K // G] float32."""
+    n, k = w.shape
+    g = spec.effective_group_size(k)
+    h = (importance.float().to(w.device) if importance is not None else torch.ones(k, device=w.device))
+    h = h.reshape(1, k // g, g)
+    best = torch.ones(n, k // g, device=w.device)
+    rows = max(1, max_elements // k)
+    for start in range(0, n, rows):
+        chunk = w[start:start + rows].float()
+        best_err = None
+        for r in sorted(grid, reverse=True):
+            ratio = torch.full((chunk.shape[0], k // g), r, device=w.device)
+            deq = quantize_weight(chunk, spec, None, ratio, ratio)[0]
+            err = ((chunk - deq).reshape(-1, k // g, g) ** 2 * h).sum(-1)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[start:start + rows][better] = r
+    return best

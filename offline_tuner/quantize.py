@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -29,6 +29,9 @@ from offline_tuner.quant_core import round_to_nearest_in_row_chunks
 from offline_tuner.signround import TuneSettings
 from offline_tuner.events import Event, EventSink, Progress
 from offline_tuner.model_card import CARD_FILE, model_card
+
+if TYPE_CHECKING:
+    from offline_tuner.allocation import Allocation
 
 
 
@@ -157,10 +160,11 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         overwrite: bool = False, resume: bool = False, progress: Progress | None = None,
                         events: EventSink | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         device: str | torch.device | None = None,
-                        stream_budget_bytes: int | None = None) -> QuantizeResult:
+                        stream_budget_bytes: int | None = None,
+                        allocation: "Allocation | None" = None) -> QuantizeResult:
     """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
 
-    tune=None or tune.iters == 0: round-to-nearest, no calibration data needed. Weights larger than
+    tune=None or tune.iters == 0 (and no clip_search): round-to-nearest, no calibration data needed. Weights larger than
     max_shard_bytes are split into shards with an index, as transformers writes them. Blocks are tuned
     on `device` (None: the first CUDA GPU if there is one, else the CPU); the activation streams stay in
     memory up to stream_budget_bytes (None: a quarter of the machine's memory), on disk beyond it.
@@ -175,13 +179,21 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     device = tuning_device(device)
     source = open_model(model_dir)
     model = source.empty_model()
-    tuning = tune is not None and tune.iters > 0
-    plan = resolve_plan(model, config, tuning=tuning, layout=source.check_names(model))
+    tuning = tune is not None and (tune.iters > 0 or tune.clip_search)  # block by block, with calibration data
+    layout_in_files = source.check_names(model)
+    plan = resolve_plan(model, config, tuning=tuning or allocation is not None, layout=layout_in_files)
+    allocation_report = None
+    if allocation is not None:
+        config, allocation_report = _allocate(model, source, plan, config, allocation, tune, calibration, device,
+                                              progress)
+        plan = resolve_plan(model, config, tuning=tuning, layout=layout_in_files)
     config = dataclasses.replace(config, modules_to_not_convert=tuple(dict.fromkeys(
         [*config.modules_to_not_convert, *plan.routers])))  # routers stay dense, and the checkpoint says so
     layout = output_layout(model, plan, source)
     run_log: dict = {"model": str(model_dir), "quantization": config.to_dict(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if allocation_report is not None:
+        run_log["allocation"] = allocation_report
     if events:
         events(Event("run_started", {"model": str(model_dir), "out_dir": str(out), "quantization": config.to_dict(),
                                      "settings": dataclasses.asdict(tune) if tuning else {"iters": 0},
@@ -229,6 +241,35 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         events(Event("run_finished", {"out_dir": str(out), "seconds": round(seconds, 2), "layers": len(plan.layers),
                                       "shards": len(writer.files), **memory.report()}))
     return QuantizeResult(out_dir=out, seconds=seconds, layers=len(plan.layers), run_log=run_log)
+
+
+def _allocate(model, source, plan, config, allocation, tune, calibration, device, progress):
+    """Measure each fused group's sensitivity and choose the settings (see offline_tuner.allocation)."""
+    from offline_tuner.allocation import allocated_config, check_budget, measure_sensitivity
+    from offline_tuner.signround import use_bf16_autocast
+
+    if config.layer_overrides:
+        raise TunerInputError(f"--avg-bits chooses every layer's settings, so it cannot be combined with "
+                              f"--layer-override ({sorted(config.layer_overrides)[:3]}); keep layers out of the "
+                              f"choice with --keep-unquantized instead")
+    check_budget(plan, allocation)
+    tune = tune or TuneSettings(iters=0)
+    calib = Calibration(allocation.n_windows, allocation.seq_len, calibration.text_file if calibration else None)
+    candidates = allocation.candidates()
+    if progress:
+        progress(f"mixed bits: measuring sensitivity to {[s.short_name() for s in candidates]} on {calib.describe()}")
+    windows = calibration_windows(source.path, calib, tune.seed)
+    groups = measure_sensitivity(model, source, windows, plan, candidates, device,
+                                 use_bf16_autocast(tune, device), progress)
+    config, report = allocated_config(config, groups, allocation)
+    if progress:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in report["settings_by_weight_share"].items())
+        progress(f"mixed bits: {report['achieved_bits']:.3f} bits per weight (target {allocation.avg_bits}, scales "
+                 f"and zero points included) over {len(groups)} groups of fused layers; weights: {shares}")
+        if allocation.avg_bits - report["achieved_bits"] > report["within"]:
+            progress(f"mixed bits: {allocation.avg_bits - report['achieved_bits']:.3f} bits below the target: no "
+                     f"further change fits it (few, large groups), or every group already has its best setting")
+    return config, report
 
 
 def tuning_device(device: str | torch.device | None) -> torch.device:

@@ -25,7 +25,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from signround_vllm.format import LayerQuantSpec
-from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints
+from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints, search_clipping
 
 Progress = Callable[[str], None]
 
@@ -48,12 +48,20 @@ class TuneSettings:
     bf16_autocast: bool = True
     # dtype in which the two activation streams between blocks are stored (computation stays float32).
     stream_dtype: str = "float32"
+    # Start the clipping factors from a per-group search (quant_core.search_clipping, weighted by each input
+    # channel's mean squared activation) instead of 1.0; with iters 0 this alone decides the clipping.
+    clip_search: bool = False
+    # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
+    # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
+    holdout: int = 0
 
     def __post_init__(self):
         if self.iters < 0:
             raise ValueError(f"iters={self.iters}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.holdout < 0:
+            raise ValueError(f"holdout={self.holdout}: must be >= 0")
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"stream_dtype={self.stream_dtype!r}: use one of {sorted(STREAM_DTYPES)}")
 
@@ -73,12 +81,14 @@ class LayerTunables:
     min_scale: torch.Tensor  # [N, K // G] float32
 
     @classmethod
-    def initial(cls, weight: torch.Tensor, spec: LayerQuantSpec, device) -> "LayerTunables":
+    def initial(cls, weight: torch.Tensor, spec: LayerQuantSpec, device,
+                clip: torch.Tensor | None = None) -> "LayerTunables":
+        """Round-to-nearest (no offset, no clipping), or clipping factors `clip` [R, K // G] on max and min."""
         k = weight.shape[-1]
         n = weight.numel() // k
         groups = k // spec.effective_group_size(k)
-        return cls(torch.zeros(n, k, device=device), torch.ones(n, groups, device=device),
-                   torch.ones(n, groups, device=device))
+        max_scale = clip.clone().to(device) if clip is not None else torch.ones(n, groups, device=device)
+        return cls(torch.zeros(n, k, device=device), max_scale, max_scale.clone())
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Back to round-to-nearest on the rows selected by the boolean mask `rows` [R]."""
@@ -158,25 +168,34 @@ def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
 def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
                inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict, settings: TuneSettings,
                generator_seed: int, progress: Callable[[int, float], None] | None = None,
-               keep_rtn_rows: Mapping[str, torch.Tensor] | None = None) -> BlockResult:
+               keep_rtn_rows: Mapping[str, torch.Tensor] | None = None,
+               importance: Mapping[str, torch.Tensor] | None = None) -> BlockResult:
     """Tune one block. params: the block's weights to quantize, by parameter name inside the block
     ("self_attn.q_proj.weight", "mlp.experts.gate_up_proj"). inputs/targets: [n_samples, seq, hidden], in
     memory or memory-mapped, any float dtype; each batch is moved to the block's device in float32.
     keep_rtn_rows: per parameter, a boolean mask of rows that keep round-to-nearest whatever the tuning
-    found (the experts no calibration token was routed to).
+    found (the experts no calibration token was routed to). importance: per parameter, the mean squared
+    input of each of its K channels, weighting the clipping search (settings.clip_search; 1 where absent).
 
     The block's own weights are left untouched; the result holds the best tunables seen.
     """
     t0 = time.perf_counter()
     device = next(iter(params.values())).device
     weights = {name: p.detach().float() for name, p in params.items()}
-    tunables = {name: LayerTunables.initial(w, specs[name], device) for name, w in weights.items()}
+    tunables = {name: LayerTunables.initial(w, specs[name], device, clip=search_clipping(
+                    w.reshape(-1, w.shape[-1]), specs[name], (importance or {}).get(name))
+                    if settings.clip_search else None) for name, w in weights.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
-    n = inputs.shape[0]
+    n_all = inputs.shape[0]
+    if settings.holdout and settings.holdout >= n_all:
+        raise ValueError(f"holdout={settings.holdout} leaves none of the {n_all} calibration windows for tuning")
+    shuffled = torch.randperm(n_all, generator=torch.Generator().manual_seed(generator_seed + 1))
+    train_idx = shuffled[settings.holdout:] if settings.holdout else torch.arange(n_all)
+    n = len(train_idx)
     bs = min(settings.batch_size, n)
     gen = torch.Generator().manual_seed(generator_seed)
-    eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(generator_seed + 1))[:bs]
+    eval_idx = shuffled[:settings.holdout] if settings.holdout else shuffled[:bs]
     order = torch.empty(0, dtype=torch.long)  # epochs: every window once before any twice
 
     autocast = use_bf16_autocast(settings, device)
@@ -188,7 +207,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
             out = run_block(block, inputs[idx].to(device, torch.float32), block_kwargs, overrides)
         return _mse(out, targets[idx].to(device, torch.float32))
 
-    best = {k: v.clone() for k, v in tunables.items()}
+    best = {k: v.clone() for k, v in tunables.items()}  # with no iterations: the starting point
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan
     params = offsets + (clips if settings.tune_minmax else [])
     step = {"decay": 1.0}
@@ -208,7 +227,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in params]
     for it in range(settings.iters):
         if order.numel() < bs:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
+            order = torch.cat([order, train_idx[torch.randperm(n, generator=gen)]])
         idx, order = order[:bs], order[bs:]
         loss = loss_on(idx, tunables)
         loss_value = float(loss.detach())
@@ -233,7 +252,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         best[name].reset_rows(rows.to(device))
     with torch.no_grad():
         final_rtn = float(loss_on(eval_idx, None))
-        final_tuned = float(loss_on(eval_idx, best)) if settings.iters else final_rtn
+        final_tuned = float(loss_on(eval_idx, best)) if settings.iters or settings.clip_search else final_rtn
     fell_back = not math.isfinite(final_tuned) or final_tuned > final_rtn
     if fell_back:  # diverged or worse than plain rounding on held batch: keep round-to-nearest
         best = {k: LayerTunables.initial(w, specs[k], device) for k, w in weights.items()}
@@ -241,7 +260,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     return BlockResult(tunables=best, rtn_loss=rtn_loss if settings.iters else final_rtn,
                        best_loss=best_loss if settings.iters else final_rtn, final_rtn_loss=final_rtn,
                        final_tuned_loss=final_tuned, best_iter=best_iter, seconds=time.perf_counter() - t0,
-                       fell_back_to_rtn=fell_back and settings.iters > 0)
+                       fell_back_to_rtn=fell_back and (settings.iters > 0 or settings.clip_search))
 
 
 @torch.no_grad()

@@ -81,3 +81,35 @@ def test_round_to_nearest_in_row_chunks_equals_the_whole_matrix(spec):
     qc, sc, zc = round_to_nearest_in_row_chunks(w, spec, max_elements=5 * 128)  # 5 rows at a time, ragged tail
     assert qc.dtype == torch.uint8 and torch.equal(qc.to(torch.int64), q) and torch.equal(sc, s)
     assert (z is None and zc is None) or torch.equal(zc.to(torch.int64), z)
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, 64, True), LayerQuantSpec(4, -1, False)],
+                         ids=str)
+def test_clipping_search_picks_each_groups_best_grid_point(spec):
+    from offline_tuner.quant_core import CLIP_GRID, search_clipping
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(5, 128, generator=gen) * torch.rand(5, 128, generator=gen) ** 3  # heavy tails: clipping helps
+    importance = torch.rand(128, generator=gen)
+    importance[:16] = 0.0  # channels that never see input do not count
+    chosen = search_clipping(w, spec, importance, max_elements=256)  # several row chunks
+    g = spec.effective_group_size(128)
+    for r in range(5):  # independent loop: every grid point, each group's weighted error
+        for j in range(128 // g):
+            cols = slice(j * g, (j + 1) * g)
+            errors = {}
+            for f in CLIP_GRID:
+                deq = quantize_weight(w[r:r + 1, cols], spec, None, torch.tensor([[f]]), torch.tensor([[f]]))[0]
+                errors[f] = float((((w[r:r + 1, cols] - deq) ** 2) * importance[cols]).sum())
+            best = min(errors.values())
+            picked = min(CLIP_GRID, key=lambda f: abs(f - float(chosen[r, j])))
+            assert abs(picked - float(chosen[r, j])) < 1e-6
+            assert errors[picked] <= best * (1 + 1e-5) + 1e-12, (r, j, picked, errors)
+    assert (chosen < 1.0).any()  # on heavy-tailed weights some group clips
+
+
+def test_clipping_search_over_the_plain_grid_is_round_to_nearest():
+    from offline_tuner.quant_core import search_clipping
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(search_clipping(w, LayerQuantSpec(3, 32, False), grid=(1.0,)), torch.ones(4, 2))

@@ -189,3 +189,47 @@ def test_checkpoint_has_a_model_card_and_run_log(tiny_with_text, tmp_path):
     assert 4.75 < float(bits) < 5.5  # 4 + 24/32 bits for most weights (scale, zero per group), one 8.5-bit layer
     assert "4 x 32 tokens" in body and "vllm serve" in body and "signround_run.json" in body
     assert json.loads((out / "signround_run.json").read_text())["blocks"]
+
+
+def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text, tmp_path):
+    """--iters 0 --clip-search: blocks go through the tuner for the search only; each block's loss is at
+    most round-to-nearest's (a block where it is worse keeps round-to-nearest), and the integers differ."""
+    model_dir, text = tiny_with_text
+    config = SignRoundConfig(default=LayerQuantSpec(2, 32, False))
+    calib = Calibration(4, 48, str(text))
+    searched = quantize_checkpoint(model_dir, tmp_path / "search", config, calibration=calib,
+                                   tune=TuneSettings(iters=0, batch_size=2, clip_search=True))
+    rtn = quantize_checkpoint(model_dir, tmp_path / "rtn", config)
+    blocks = searched.run_log["blocks"]
+    assert len(blocks) == 3 and all(b["tuned_loss"] <= b["rtn_loss"] for b in blocks)
+    assert any(b["tuned_loss"] < b["rtn_loss"] for b in blocks)
+    a, b = load_file(str(tmp_path / "search" / "model.safetensors")), load_file(str(rtn.out_dir / "model.safetensors"))
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith(".scales"))
+
+
+def test_held_back_windows_are_never_tuned_on(tiny_with_text, tmp_path, monkeypatch):
+    """--holdout N: the tuning batches never contain the held-back windows, and the keep-or-fall-back judgement
+    is made on exactly them; holding back every window is refused."""
+    import offline_tuner.signround as sr
+
+    model_dir, text = tiny_with_text
+    seen: list[list[int]] = []
+    original = sr.run_block
+
+    def spy(block, x, kwargs, overrides=None):
+        seen.append([round(float(v), 3) for v in x[:, :, 0].sum(-1)])  # one number per window
+        return original(block, x, kwargs, overrides)
+
+    monkeypatch.setattr(sr, "run_block", spy)
+    config = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
+    calib = Calibration(6, 32, str(text))
+    quantize_checkpoint(model_dir, tmp_path / "held", config, calibration=calib,
+                        tune=TuneSettings(iters=4, batch_size=2, seed=3, holdout=2))
+    per_block = 4 + 2  # 4 tuning batches, then round-to-nearest and the tuned weights on the held windows
+    first_block = seen[:per_block]
+    held = set(first_block[-1])
+    assert len(held) == 2 and first_block[-2] == first_block[-1]
+    assert not any(held & set(batch) for batch in first_block[:4])
+    with pytest.raises(ValueError, match="holdout=6 leaves none"):
+        quantize_checkpoint(model_dir, tmp_path / "none", config, calibration=calib,
+                            tune=TuneSettings(iters=2, batch_size=2, holdout=6))

@@ -35,8 +35,9 @@ def quantize_pair(model_dir, root: Path, spec: LayerQuantSpec, **config_kwargs):
     return ckpt, write_dequantized_copy(ckpt, root / f"deq-{spec.short_name()}")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("sym", [False, True])
+# Each bit width once, symmetric and asymmetric alternating: the kernels' numerics are checked for every bit
+# width in both forms by the kernel tests (tests/test_cpu_int4.py, the Triton tests); here the serving path.
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False), (8, True)])
 def test_served_tokens_match_dequantized_bf16(tiny_model, tmp_path, bits, sym):
     spec = LayerQuantSpec(bits, 32 if bits != 8 else 64, sym)
     ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
@@ -87,12 +88,20 @@ def test_unsupported_setting_in_config_is_refused_at_load(tiny_model, tmp_path):
     assert "bits=5" in str(e.value) and "supported" in str(e.value)
 
 
-def test_per_layer_override_is_served(tiny_model, tmp_path):
-    # down_proj of layer 1 at 8 bits (dense fallback), everything else 3-bit.
-    spec = LayerQuantSpec(3, 32, False)
+def test_mixed_bit_checkpoint_is_served(tmp_path, calibration_text):
+    """--avg-bits: per-layer settings chosen to a 3.25-bit budget (several bit widths and group sizes, as
+    layer overrides) are served with the dequantized weights' tokens."""
+    from offline_tuner.allocation import Allocation
+    from offline_tuner.default_model import prepare_default_model
+    from offline_tuner.quantize import Calibration
+
+    model = make_tiny_model(tmp_path / "model", seed=0, num_layers=2, hidden=128, intermediate=256, heads=4,
+                            kv_heads=2, tokenizer_from=prepare_default_model())
     ckpt = tmp_path / "ckpt"
-    quantize_checkpoint(tiny_model, ckpt, SignRoundConfig(
-        default=spec, layer_overrides={"model.layers.1.mlp.down_proj": LayerQuantSpec(8, 32, True)}))
+    result = quantize_checkpoint(model, ckpt, SignRoundConfig(), allocation=Allocation(3.25, n_windows=2, seq_len=64),
+                                 calibration=Calibration(text_file=str(calibration_text)))
+    config = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert config["layer_overrides"] and result.run_log["allocation"]["achieved_bits"] <= 3.25
     assert_same_greedy_as(ckpt, write_dequantized_copy(ckpt, tmp_path / "deq"))
 
 
