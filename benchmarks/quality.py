@@ -9,9 +9,11 @@ virtual environment, `.cache/autoround-venv`, created on first use; auto-round i
 dependency of the project). Both tuners get identical iterations, batch size, seed and the very
 same calibration windows; they run one after the other, in alternating order, so slow phases of
 a shared machine hit both. Perplexity is measured with transformers on the dequantized weights,
-on two held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain)
-and Australian news articles (out of domain). Prints a markdown report with the machine and the
-command, and writes it to --out.
+on three held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain),
+Australian news articles and the documentation strings of Python standard-library modules (out of
+domain). `mixed<bits>` settings choose per-layer bits with `--avg-bits` (SignRound and
+round-to-nearest only). Prints a markdown report with the machine and the command, and writes it
+to --out.
 """
 from __future__ import annotations
 
@@ -30,16 +32,34 @@ sys.path.insert(0, str(REPO))
 from benchmarks import benchlib  # noqa: E402
 from benchmarks.benchlib import machine, run_logged, write_report  # noqa: E402
 from signround_vllm.checkpoint import dequantized_state_dict  # noqa: E402
-from signround_vllm.format import LayerQuantSpec, SignRoundConfig  # noqa: E402
+from signround_vllm.format import LayerQuantSpec, SignRoundConfig, bits_per_weight  # noqa: E402
 from offline_tuner.default_model import cache_root, prepare_default_model  # noqa: E402
 from offline_tuner.evaluation import perplexity_of_model  # noqa: E402
 from offline_tuner.quantize import load_causal_lm, quantize_checkpoint  # noqa: E402
-from offline_tuner.text_data import news_text, token_windows, wikipedia_text  # noqa: E402
+from offline_tuner.text_data import news_text, python_docs_text, token_windows, wikipedia_text  # noqa: E402
 
 AUTOROUND_VENV = REPO / ".cache" / "autoround-venv"
 AUTOROUND_PINS = ("auto-round==0.16.1", "transformers==5.19.0", "accelerate==1.15.0", "safetensors")
 SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpec(4, 64, True),
-            "W3G64asym": LayerQuantSpec(3, 64, False), "W2G32asym": LayerQuantSpec(2, 32, False)}
+            "W3G64asym": LayerQuantSpec(3, 64, False), "W3G32sym": LayerQuantSpec(3, 32, True),
+            "W2G32asym": LayerQuantSpec(2, 32, False), "W2G64asym": LayerQuantSpec(2, 64, False)}
+# Mixed bits (`--avg-bits`): "mixed3.5" = 3.5 stored bits per weight, asymmetric, choices 2/3/4/8 x 32/64/128.
+# Uniform settings of the same cost, for comparison: W3G32sym = 3.5, W2G32asym = 2.75.
+MIXED_PREFIX = "mixed"
+
+
+def setting(name: str):
+    """A uniform LayerQuantSpec, or for "mixed<bits>" an Allocation."""
+    if name.startswith(MIXED_PREFIX):
+        from offline_tuner.allocation import Allocation
+
+        try:
+            return Allocation(float(name[len(MIXED_PREFIX):]))
+        except ValueError:
+            raise SystemExit(f"--settings {name}: write mixed<average bits>, e.g. mixed3.5") from None
+    if name not in SETTINGS:
+        raise SystemExit(f"--settings {name}: choose among {list(SETTINGS)} or mixed<average bits>")
+    return SETTINGS[name]
 
 
 def log(msg: str) -> None:
@@ -87,7 +107,9 @@ def main(argv=None) -> int:
     from offline_tuner.quantize import RECIPES, Calibration, calibration_windows
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["W4G64asym", "W4G64sym", "W3G64asym", "W2G32asym"],
+                   help=f"among {list(SETTINGS)}, or mixed<average bits> (e.g. mixed3.5: per-layer bits chosen by "
+                        f"--avg-bits; auto-round is not run for those)")
     p.add_argument("--recipe", default="cpu-demo", choices=list(RECIPES))
     p.add_argument("--iters", type=int, help="override the recipe's iterations per block (both tools)")
     p.add_argument("--n-samples", type=int, help="override the recipe's calibration windows (both tools)")
@@ -99,6 +121,9 @@ def main(argv=None) -> int:
                    help="also run PyPI auto-round side by side (default on)")
     p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="storage of SignRound's activation streams between blocks (default float32)")
+    p.add_argument("--signround-args", default="",
+                   help="extra arguments for `signround quantize` (for ablations, e.g. \"--clip-search\"); the "
+                        "round-to-nearest column stays plain")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
@@ -119,15 +144,23 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = {"wiki": token_windows(tokenizer, wikipedia_text("evaluation"), args.eval_windows, args.eval_seq_len, None),
-               "news": token_windows(tokenizer, news_text(), args.eval_windows, args.eval_seq_len, None)}
+               "news": token_windows(tokenizer, news_text(), args.eval_windows, args.eval_seq_len, None),
+               "docs": token_windows(tokenizer, python_docs_text(), args.eval_windows, args.eval_seq_len, None)}
     model = load_causal_lm(model_dir, torch.bfloat16)
     base = perplexities(model, windows)
     log(f"bf16: {base}")
     rows, turn = [], 0
     for name in args.settings:
-        spec = SETTINGS[name]
+        spec = setting(name)
+        mixed = not isinstance(spec, LayerQuantSpec)
         rtn_dir = work / f"rtn-{name}"
-        quantize_checkpoint(model_dir, rtn_dir, SignRoundConfig(default=spec), overwrite=True)
+        if mixed:  # round-to-nearest with the same allocation (its sensitivity pass draws from the seed 42)
+            quantize_checkpoint(model_dir, rtn_dir, SignRoundConfig(), overwrite=True, allocation=spec)
+            quant_args = ["--avg-bits", str(spec.avg_bits)]
+        else:
+            quantize_checkpoint(model_dir, rtn_dir, SignRoundConfig(default=spec), overwrite=True)
+            quant_args = ["--bits", str(spec.bits), "--group-size", str(spec.group_size),
+                          *(["--sym"] if spec.sym else [])]
         rtn = perplexities(load_dequantized(model, rtn_dir), windows)
         log(f"{name} round-to-nearest: {rtn}")
         for seed in args.seeds:
@@ -139,12 +172,12 @@ def main(argv=None) -> int:
             # key -> (label, command, run log written by the tool, its weights into the model)
             tools = {"sr": ("SignRound", [
                 str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out", str(sr_dir),
-                "--overwrite", "--bits", str(spec.bits), "--group-size", str(spec.group_size),
+                "--overwrite", *quant_args,
                 "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
                 "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
-                "--stream-dtype", args.stream_dtype, *(["--sym"] if spec.sym else [])],
+                "--stream-dtype", args.stream_dtype, *args.signround_args.split()],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
-            if ar_python is not None:
+            if ar_python is not None and not mixed:
                 tools["ar"] = ("auto-round", [
                     str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
                     "--out", str(ar_dir), "--calibration", str(windows_file), "--bits", str(spec.bits),
@@ -158,6 +191,9 @@ def main(argv=None) -> int:
                 wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
                 run = json.loads(run_file.read_text())
                 row[key] = perplexities(load_weights(), windows)
+                if key == "sr":
+                    row["bits_per_weight"] = (run["allocation"]["achieved_bits"] if mixed
+                                              else bits_per_weight(spec, spec.group_size))
                 row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
                                      "tool": run.get("tool", label)}
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
@@ -194,15 +230,16 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
         f"(the same windows of the built-in Wikipedia calibration split for both tools, drawn with the seed), "
         f"batch {batch}, seeds {', '.join(map(str, args.seeds))}; lm_head stays bf16.",
         f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens with transformers (bf16): "
-        "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles (out of domain).", "",
+        "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles and `docs` = "
+        "documentation strings of Python standard-library modules (both out of domain).", "",
         "## Mean over seeds", "",
-        "| setting | text | bf16 | RTN | SignRound | auto-round | RTN-to-bf16 gap closed (SignRound / auto-round) "
-        "| SignRound vs auto-round |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| setting | bits/weight | text | bf16 | RTN | SignRound | auto-round | RTN-to-bf16 gap closed "
+        "(SignRound / auto-round) | SignRound vs auto-round |",
+        "|---|---|---|---|---|---|---|---|---|"]
     names = list(dict.fromkeys(r["name"] for r in rows))
     for name in names:
         group = [r for r in rows if r["name"] == name]
-        for text in ("wiki", "news"):
+        for text in base:
             b, rtn = base[text], group[0]["rtn"][text]
             sr = _mean([r.get("sr", {}).get(text) for r in group])
             ar = _mean([r.get("ar", {}).get(text) for r in group])
@@ -211,14 +248,16 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
                 return f"{(rtn - v) / (rtn - b) * 100:.0f}%" if v is not None and rtn > b else "-"
 
             versus = f"{(sr / ar - 1) * 100:+.1f}%" if sr is not None and ar is not None else "-"
-            lines.append(f"| {name} | {text} | {b:.2f} | {fmt(rtn)} | {fmt(sr)} | {fmt(ar)} | "
+            bpw = _mean([r.get("bits_per_weight") for r in group])
+            lines.append(f"| {name} | {fmt(bpw) if bpw is None else f'{bpw:.3f}'} | {text} | {b:.2f} | {fmt(rtn)} | "
+                         f"{fmt(sr)} | {fmt(ar)} | "
                          f"{closed(sr)} / {closed(ar)} | {versus} |")
-    lines += ["", "## Each run", "", "| setting | seed | wiki SignRound | wiki auto-round | news SignRound "
-              "| news auto-round |", "|---|---|---|---|---|---|"]
+    texts = list(base)
+    lines += ["", "## Each run", "", "| setting | seed | " + " | ".join(f"{t} SignRound | {t} auto-round" for t in texts)
+              + " |", "|---|---|" + "---|---|" * len(texts)]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['seed']} | {fmt(r.get('sr', {}).get('wiki'))} | "
-                     f"{fmt(r.get('ar', {}).get('wiki'))} | {fmt(r.get('sr', {}).get('news'))} | "
-                     f"{fmt(r.get('ar', {}).get('news'))} |")
+        lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(
+            f"{fmt(r.get('sr', {}).get(t))} | {fmt(r.get('ar', {}).get(t))}" for t in texts) + " |")
     lines += ["", "## Tuning cost", "",
               "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; auto-round's "
               "covers calibration and tuning (its model is loaded before the clock starts). Process: wall time of "

@@ -286,3 +286,32 @@ def news_text() -> str:
     with zipfile.ZipFile(gensim_wheel()) as zf:
         raw = zf.read(NEWS_MEMBER).decode("utf-8", errors="replace")
     return "\n\n".join(line.strip() for line in raw.splitlines() if line.strip())
+
+
+# Standard-library modules whose documentation strings make the third evaluation text (technical prose,
+# unlike both Wikipedia and news). Fixed list and order; the text depends on the Python version only.
+DOC_MODULES = ("argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions", "functools",
+               "heapq", "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re", "shutil",
+               "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest",
+               "urllib.parse", "uuid", "zipfile")
+
+
+def python_docs_text() -> str:
+    """Out-of-domain evaluation text: documentation strings of standard-library modules and their public
+    classes and functions (see DOC_MODULES). Never used for calibration."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        doc = inspect.getdoc(module)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(getattr(module, "__all__", None) or [a for a in dir(module) if not a.startswith("_")]):
+            obj = getattr(module, attr, None)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "").startswith(name):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 80:
+                    parts.append(doc)
+    return "\n\n".join(dict.fromkeys(parts))
