@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="storage of SignRound's activation streams between blocks (default float32)")
     p.add_argument("--signround-args", default="",
-                   help="extra arguments for `signround quantize` (for ablations, e.g. \"--clip-search\"); the "
+                   help="extra arguments for `signround quantize`, for ablations (write --signround-args=\"--clip-search\"); the "
                         "round-to-nearest column stays plain")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)

@@ -96,6 +96,9 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
                    help="start the min/max clipping factors from a per-group grid search (importance: each input "
                         "channel's mean squared activation) instead of 1.0; with --iters 0, clipping by the search "
                         "alone (default off)")
+    p.add_argument("--loss", choices=["mse", "token-normalized"],
+                   help="tuning objective: mse over all values (default), or each token's error relative to its "
+                        "own size (token-normalized), so a few huge activations do not dominate")
     p.add_argument("--holdout", type=int, metavar="N",
                    help="calibration windows held back from tuning; a block keeps its tuned weights only if they "
                         "beat round-to-nearest on them (default 0: judged on a batch of the tuning windows)")
@@ -144,6 +147,7 @@ def tuning_from_args(args):
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
         "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed,
         "clip_search": args.clip_search, "holdout": args.holdout,
+        "loss": args.loss.replace("-", "_") if args.loss else None,
         "stream_dtype": args.stream_dtype}.items()
         if v is not None})
     calib = dataclasses.replace(calib, **{k: v for k, v in {

@@ -31,6 +31,7 @@ Progress = Callable[[str], None]
 
 
 STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOSSES = ("mse", "token_normalized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +55,16 @@ class TuneSettings:
     # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
     # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
     holdout: int = 0
+    # The objective (block_loss): "mse", or "token_normalized" (each token's error relative to its size).
+    loss: str = "mse"
 
     def __post_init__(self):
         if self.iters < 0:
             raise ValueError(f"iters={self.iters}: must be >= 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: use one of {list(LOSSES)}")
         if self.holdout < 0:
             raise ValueError(f"holdout={self.holdout}: must be >= 0")
         if self.stream_dtype not in STREAM_DTYPES:
@@ -151,8 +156,15 @@ def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
     return block_output(block(x, **block_kwargs))
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.mean((a.float() - b.float()) ** 2)
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """The tuning objective. "mse": mean squared error over all values. "token_normalized": each token's
+    mean squared error divided by its target's mean square, then averaged over tokens, so the few tokens
+    with huge activations (attention sinks) do not decide the loss alone."""
+    err = (out.float() - target.float()) ** 2
+    if kind == "mse":
+        return torch.mean(err)
+    scale = target.float().pow(2).mean(-1, keepdim=True) + 1e-6
+    return torch.mean(err.mean(-1, keepdim=True) / scale)
 
 
 def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
@@ -205,7 +217,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         overrides = quantized_weights(weights, specs, tun, torch.bfloat16 if autocast else torch.float32)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = run_block(block, inputs[idx].to(device, torch.float32), block_kwargs, overrides)
-        return _mse(out, targets[idx].to(device, torch.float32))
+        return block_loss(out, targets[idx].to(device, torch.float32), settings.loss)
 
     best = {k: v.clone() for k, v in tunables.items()}  # with no iterations: the starting point
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan

@@ -233,3 +233,17 @@ def test_held_back_windows_are_never_tuned_on(tiny_with_text, tmp_path, monkeypa
     with pytest.raises(ValueError, match="holdout=6 leaves none"):
         quantize_checkpoint(model_dir, tmp_path / "none", config, calibration=calib,
                             tune=TuneSettings(iters=2, batch_size=2, holdout=6))
+
+
+def test_token_normalized_loss_is_not_decided_by_one_huge_token():
+    from offline_tuner.signround import block_loss
+
+    target = torch.ones(1, 4, 8)
+    target[0, 0] *= 1000.0  # an attention-sink-like token
+    out = target.clone()
+    out[0, 0] += 10.0  # 1% off on the huge token
+    out[0, 1:] += 0.5  # 50% off on every ordinary token
+    assert block_loss(out, target, "mse") == pytest.approx((100 * 8 + 0.25 * 24) / 32)
+    assert block_loss(out, target, "token_normalized") == pytest.approx((1e-4 + 3 * 0.25 / (1 + 1e-6)) / 4, rel=1e-4)
+    with pytest.raises(ValueError, match="loss='l1'"):
+        TuneSettings(loss="l1")
