@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from signround_vllm.checkpoint import commit_folder, write_folder_files
-from signround_vllm.format import QWEIGHT, SignRoundConfig, pack_linear, packed_tensor_specs
+from signround_vllm.format import QWEIGHT, LayerQuantSpec, SignRoundConfig, pack_linear, packed_tensor_specs
 from signround_vllm.shards import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TensorEntry
 from offline_tuner.errors import TunerInputError
 from offline_tuner.memory import MemoryPeak, return_freed_memory
@@ -181,7 +181,11 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     model = source.empty_model()
     tuning = tune is not None and (tune.iters > 0 or tune.clip_search)  # block by block, with calibration data
     layout_in_files = source.check_names(model)
-    plan = resolve_plan(model, config, tuning=tuning or allocation is not None, layout=layout_in_files)
+    # With --avg-bits the settings are still to be chosen: the first plan only lists the layers, per channel
+    # (a setting every layer can be stored with); the candidates that do not fit a layer are set aside later.
+    first_config = (dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
+                    if allocation is not None and not config.layer_overrides else config)
+    plan = resolve_plan(model, first_config, tuning=tuning or allocation is not None, layout=layout_in_files)
     allocation_report = None
     if allocation is not None:
         config, allocation_report = _allocate(model, source, plan, config, allocation, tune, calibration, device,

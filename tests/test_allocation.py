@@ -107,13 +107,13 @@ def default_tokenizer_dir():
     return prepare_default_model()
 
 
-def allocate_tiny(tmp_path, family, avg_bits, tokenizer_from, text, **kw):
+def allocate_tiny(tmp_path, family, avg_bits, tokenizer_from, text, dims=None, **kw):
     from offline_tuner.default_model import make_tiny_model
     from offline_tuner.quantize import Calibration, quantize_checkpoint
     from signround_vllm.format import SignRoundConfig
 
     model = make_tiny_model(tmp_path / f"{family}-model", seed=3, family=family, tokenizer_from=tokenizer_from,
-                            hidden=128, intermediate=256)
+                            **(dims or {"hidden": 128, "intermediate": 256}))
     ckpt = tmp_path / f"{family}-mixed"
     allocation = Allocation(avg_bits, n_windows=2, seq_len=64, **kw)
     result = quantize_checkpoint(model, ckpt, SignRoundConfig(), allocation=allocation,
@@ -147,7 +147,9 @@ def stored_bits_per_weight(ckpt) -> float:
 
 
 def test_llama_allocation_keeps_fused_layers_together(tmp_path, default_tokenizer_dir, calibration_text):
-    _, ckpt, report = allocate_tiny(tmp_path, "llama", 3.5, default_tokenizer_dir, calibration_text)
+    # hidden 96, intermediate 192: groups of 128 divide no layer's inputs, so only 32 and 64 are candidates
+    dims = {"hidden": 96, "intermediate": 192, "heads": 3, "kv_heads": 1}
+    _, ckpt, report = allocate_tiny(tmp_path, "llama", 3.5, default_tokenizer_dir, calibration_text, dims)
     assert report["achieved_bits"] <= 3.5
     specs = specs_of(ckpt)
     assert len(set(specs.values())) >= 2, specs  # no uniform setting costs 3.5: the answer mixes
@@ -159,6 +161,7 @@ def test_llama_allocation_keeps_fused_layers_together(tmp_path, default_tokenize
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
             "model.layers.0.self_attn.v_proj"} in groups
     assert {"model.layers.0.self_attn.o_proj"} in groups and {"model.layers.0.mlp.down_proj"} in groups
+    assert all(not name.endswith("G128asym") for g in report["groups"] for name in g["errors"])  # 128 fits nothing
     assert stored_bits_per_weight(ckpt) == pytest.approx(report["achieved_bits"], abs=1e-3)
 
 
