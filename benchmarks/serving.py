@@ -230,13 +230,13 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
             sr.fail("quantize", f"{type(e).__name__}: {e}")
             sr.ckpt = None
         if main and sr.ckpt is not None:
-            for kernel in s.forced_kernels:  # the same checkpoint, served through another kernel
-                variants.append(Variant(f"signround-{kernel}", f"SignRound {short} ({kernel} forced)", bits, sr.ckpt,
-                                        "signround", perf=True, env={"SIGNROUND_KERNEL": kernel}))
-            for setting in s.signround_envs:  # the same checkpoint with an environment setting
-                key, _, value = setting.partition("=")
-                variants.append(Variant(f"signround-{key}-{value}", f"SignRound {short} ({setting})", bits, sr.ckpt,
-                                        "signround", perf=True, env={key: value}))
+            # The same checkpoint served through another kernel, or with an environment setting.
+            extra = [(kernel, f"{kernel} forced", {"SIGNROUND_KERNEL": kernel}) for kernel in s.forced_kernels]
+            extra += [(setting.replace("=", "-"), setting, dict([setting.split("=", 1)]))
+                      for setting in s.signround_envs]
+            for suffix, note, env in extra:
+                variants.append(Variant(f"signround-{suffix}", f"SignRound {short} ({note})", bits, sr.ckpt,
+                                        "signround", perf=True, env=env))
         refusals[bits] = {}
         for fmt in EXPORT_FORMATS:
             v = Variant(fmt if main else f"{fmt}-{short}", f"{fmt.upper()} {short}", bits,

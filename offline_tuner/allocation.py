@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from signround_vllm.format import SUPPORTED_BITS, LayerQuantSpec, SignRoundConfig, SignRoundFormatError, bits_per_weight
+from signround_vllm.format import (SUPPORTED_BITS, LayerQuantSpec, SignRoundConfig, SignRoundFormatError,
+                                   bits_per_weight, dequantize_ints)
 from offline_tuner.errors import TunerInputError
 from offline_tuner.events import Progress
 from offline_tuner.plan import LayerPlan, QuantPlan
@@ -59,8 +60,7 @@ class Allocation:
 class Group:
     """Layers that must share one setting, with each candidate setting's storage cost and measured error."""
 
-    params: tuple[str, ...]  # in-memory parameters
-    layers: tuple[LayerPlan, ...]  # their stored layers
+    layers: tuple[LayerPlan, ...]  # stored layers
     options: list[LayerQuantSpec]
     costs: list[float]  # stored bits of all the group's weights at each option
     errors: list[float] = dataclasses.field(default_factory=list)
@@ -68,10 +68,6 @@ class Group:
     @property
     def weights(self) -> int:
         return sum(lp.in_features * lp.out_features for lp in self.layers)
-
-    def label(self) -> str:
-        names = [lp.name for lp in self.layers]
-        return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} fused)"
 
 
 def group_costs(layers: Sequence[LayerPlan], options: Sequence[LayerQuantSpec]) -> list[float]:
@@ -184,20 +180,13 @@ def _fill(costs, errors, budget, choice) -> list[int]:
 def measure_sensitivity(model, source, windows: torch.Tensor, plan: QuantPlan, candidates: list[LayerQuantSpec],
                         device: torch.device, bf16_autocast: bool, progress: Progress | None = None) -> list[Group]:
     """Each group's block-output error at each candidate setting (see module doc)."""
-    from offline_tuner.architecture import record_block_calls
+    from offline_tuner.blockwise import capture_block_calls
     from offline_tuner.memory import return_freed_memory
     from offline_tuner.model_source import release
     from offline_tuner.signround import block_loss, run_block
 
     blocks = plan.blocks
-    head = model.get_output_embeddings()
-    head_params = {id(p) for p in head.parameters()} if head is not None else set()
-    outside = [n for n, p in model.named_parameters()
-               if not n.startswith(blocks.path + ".") and id(p) not in head_params]
-    source.materialize(model, outside)
-    calls = record_block_calls(model, blocks, windows, device)
-    release(model, outside)
-    return_freed_memory()
+    calls = capture_block_calls(model, source, blocks, windows, device)
     x = calls.first_inputs
     groups: list[Group] = []
     t0 = time.perf_counter()
@@ -205,17 +194,15 @@ def measure_sensitivity(model, source, windows: torch.Tensor, plan: QuantPlan, c
         block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
         params = plan.block_params(i)
         block = source.materialize_module(model, block_name).to(device=device, dtype=torch.float32)
-        block_groups = _fused_groups(block, params, x[:1], kwargs)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-            y = torch.cat([run_block(block, x[b:b + 1], kwargs).float() for b in range(len(x))])
+            block_groups, y0 = _fused_groups(block, params, lambda: run_block(block, x[:1], kwargs).float())
+            y = torch.cat([y0, *(run_block(block, x[b:b + 1], kwargs).float() for b in range(1, len(x)))])
             for names in block_groups:
                 layers = tuple(lp for n in names for lp in params[n])
                 options = [s for s in candidates if _fits(s, layers)]
                 if not options:
-                    raise TunerInputError(f"{layers[0].name}: none of the candidate settings "
-                                          f"{[s.short_name() for s in candidates]} fits its in_features "
-                                          f"{layers[0].in_features}; add a group size that divides it")
-                group = Group(tuple(f"{block_name}.{n}" for n in names), layers, options, group_costs(layers, options))
+                    raise TunerInputError(_nothing_fits(layers[0], candidates))
+                group = Group(layers, options, group_costs(layers, options))
                 for spec in options:
                     override = {n: _rounded(block.get_parameter(n), spec) for n in names}
                     err = 0.0
@@ -243,23 +230,20 @@ def _fits(spec: LayerQuantSpec, layers: Sequence[LayerPlan]) -> bool:
     return True
 
 
-def _rounded(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22) -> torch.Tensor:
-    """Round-to-nearest weights, a few rows at a time (an expert weight's float32 intermediates stay small)."""
-    from offline_tuner.quant_core import quantize_weight
+def _rounded(w: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """The weights round-to-nearest would store, dequantized (rows rounded a few at a time, so an expert
+    weight's float32 intermediates stay small)."""
+    from offline_tuner.quant_core import round_to_nearest_in_row_chunks
 
-    rows = w.reshape(-1, w.shape[-1])
-    out = torch.empty_like(rows)
-    step = max(1, max_elements // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
-        out[start:start + step] = quantize_weight(rows[start:start + step], spec)[0]
-    return out.reshape(w.shape)
+    q, scale, zero = round_to_nearest_in_row_chunks(w.reshape(-1, w.shape[-1]), spec)
+    rows = dequantize_ints(q.t(), scale.t(), zero.t() if zero is not None else None, spec).t()
+    return rows.to(w.dtype).reshape(w.shape)
 
 
-def _fused_groups(block: torch.nn.Module, params: dict, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """The block's quantized parameters grouped as vLLM fuses them: linear layers that read the very same
-    input tensor share a group; an expert parameter (all experts of a layer) is a group of its own."""
-    from offline_tuner.signround import run_block
-
+def _fused_groups(block: torch.nn.Module, params: dict, run) -> tuple[list[list[str]], torch.Tensor]:
+    """The block's quantized parameters grouped as vLLM fuses them, seen while `run()` runs the block (its
+    output is returned too): linear layers that read the very same input tensor share a group; an expert
+    parameter (all experts of a layer) is a group of its own."""
     seen: dict[str, torch.Tensor] = {}  # held, so no input is freed and its id reused during the forward
     hooks = []
     for name in params:
@@ -268,7 +252,7 @@ def _fused_groups(block: torch.nn.Module, params: dict, x: torch.Tensor, kwargs:
             hooks.append(owner.register_forward_pre_hook(
                 lambda m, args, _n=name: seen.__setitem__(_n, args[0]) if args else None))
     try:
-        run_block(block, x, kwargs)
+        out = run()
     finally:
         for h in hooks:
             h.remove()
@@ -276,7 +260,7 @@ def _fused_groups(block: torch.nn.Module, params: dict, x: torch.Tensor, kwargs:
     for name in params:
         key = ("input", id(seen[name])) if name in seen else ("param", name)
         groups.setdefault(key, []).append(name)
-    return list(groups.values())
+    return list(groups.values()), out
 
 
 def check_budget(plan: QuantPlan, request: Allocation) -> None:
@@ -286,12 +270,16 @@ def check_budget(plan: QuantPlan, request: Allocation) -> None:
     for lp in plan.layers.values():
         fitting = [s for s in candidates if _fits(s, [lp])]
         if not fitting:
-            raise TunerInputError(f"{lp.name}: none of the candidate settings {[s.short_name() for s in candidates]} "
-                                  f"fits its in_features {lp.in_features}; add a group size that divides it")
+            raise TunerInputError(_nothing_fits(lp, candidates))
         weights += lp.in_features * lp.out_features
         bits += min(group_costs([lp], fitting))
     if weights and bits / weights > request.avg_bits:
         raise TunerInputError(_below_cheapest(request, bits / weights))
+
+
+def _nothing_fits(lp: LayerPlan, candidates: list[LayerQuantSpec]) -> str:
+    return (f"{lp.name}: none of the candidate settings {[s.short_name() for s in candidates]} fits its "
+            f"in_features {lp.in_features}; add a group size that divides it")
 
 
 def _below_cheapest(request: Allocation, cheapest: float) -> str:

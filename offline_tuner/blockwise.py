@@ -143,6 +143,21 @@ class WorkFolder:
                                                           "blocks": self.blocks}).encode())
 
 
+def capture_block_calls(model, source: ModelSource, blocks, windows: torch.Tensor, device: torch.device,
+                        first_inputs: torch.Tensor | None = None):
+    """record_block_calls with the weights that run before the blocks (embeddings, ...) read from the files
+    for the call and given back after; the output head is not needed."""
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    outside = [n for n, p in model.named_parameters()
+               if not n.startswith(blocks.path + ".") and id(p) not in head_params]
+    source.materialize(model, outside)
+    calls = record_block_calls(model, blocks, windows, device, first_inputs=first_inputs)
+    release(model, outside)
+    return_freed_memory()
+    return calls
+
+
 def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPlan, settings: TuneSettings,
                 writer: ShardedWriter, work: WorkFolder, memory: MemoryPeak, device: torch.device,
                 stream_budget_bytes: int | None = None, progress: Progress | None = None,
@@ -156,18 +171,11 @@ def tune_blocks(model, source: ModelSource, windows: torch.Tensor, plan: QuantPl
     """
     blocks = plan.blocks
     autocast = use_bf16_autocast(settings, device)  # the streams run like the tuning
-    head = model.get_output_embeddings()
-    head_params = {id(p) for p in head.parameters()} if head is not None else set()
-    outside = [n for n, p in model.named_parameters()  # embeddings and whatever runs before the blocks
-               if not n.startswith(blocks.path + ".") and id(p) not in head_params]
     hidden = model.get_input_embeddings().embedding_dim
     budget = stream_budget_bytes if stream_budget_bytes is not None else default_stream_budget_bytes()
     streams = ActivationStreams((len(windows), windows.shape[1], hidden), settings.stream_dtype, budget,
                                 work.path / "streams", device)
-    source.materialize(model, outside)
-    calls = record_block_calls(model, blocks, windows, device, first_inputs=streams.fp)
-    release(model, outside)
-    return_freed_memory()
+    calls = capture_block_calls(model, source, blocks, windows, device, first_inputs=streams.fp)
     streams.q.copy_(streams.fp)  # the quantized stream; the two part after block 0
     if progress:
         progress(f"activation streams: {streams.describe()}")

@@ -164,7 +164,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         allocation: "Allocation | None" = None) -> QuantizeResult:
     """Quantize a model (folder or cached hub id) into a SignRound checkpoint folder, written atomically.
 
-    tune=None or tune.iters == 0 (and no clip_search): round-to-nearest, no calibration data needed. Weights larger than
+    tune=None or not tune.departs_from_rtn: round-to-nearest, no calibration data needed. Weights larger than
     max_shard_bytes are split into shards with an index, as transformers writes them. Blocks are tuned
     on `device` (None: the first CUDA GPU if there is one, else the CPU); the activation streams stay in
     memory up to stream_budget_bytes (None: a quarter of the machine's memory), on disk beyond it.
@@ -179,15 +179,20 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     device = tuning_device(device)
     source = open_model(model_dir)
     model = source.empty_model()
-    tuning = tune is not None and (tune.iters > 0 or tune.clip_search)  # block by block, with calibration data
+    tuning = tune is not None and tune.departs_from_rtn  # block by block, with calibration data
     layout_in_files = source.check_names(model)
-    # With --avg-bits the settings are still to be chosen: the first plan only lists the layers, per channel
-    # (a setting every layer can be stored with); the candidates that do not fit a layer are set aside later.
-    first_config = (dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
-                    if allocation is not None and not config.layer_overrides else config)
-    plan = resolve_plan(model, first_config, tuning=tuning or allocation is not None, layout=layout_in_files)
     allocation_report = None
-    if allocation is not None:
+    if allocation is None:
+        plan = resolve_plan(model, config, tuning=tuning, layout=layout_in_files)
+    else:
+        if config.layer_overrides:
+            raise TunerInputError(f"--avg-bits chooses every layer's settings, so it cannot be combined with "
+                                  f"--layer-override ({sorted(config.layer_overrides)[:3]}); keep layers out of "
+                                  f"the choice with --keep-unquantized instead")
+        # The settings are still to be chosen: this plan only lists the layers, per channel (a setting every
+        # layer can be stored with); the candidates that do not fit a layer are set aside by the choice.
+        layers_only = dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
+        plan = resolve_plan(model, layers_only, tuning=True, layout=layout_in_files)
         config, allocation_report = _allocate(model, source, plan, config, allocation, tune, calibration, device,
                                               progress)
         plan = resolve_plan(model, config, tuning=tuning, layout=layout_in_files)
@@ -252,10 +257,6 @@ def _allocate(model, source, plan, config, allocation, tune, calibration, device
     from offline_tuner.allocation import allocated_config, check_budget, measure_sensitivity
     from offline_tuner.signround import use_bf16_autocast
 
-    if config.layer_overrides:
-        raise TunerInputError(f"--avg-bits chooses every layer's settings, so it cannot be combined with "
-                              f"--layer-override ({sorted(config.layer_overrides)[:3]}); keep layers out of the "
-                              f"choice with --keep-unquantized instead")
     check_budget(plan, allocation)
     tune = tune or TuneSettings(iters=0)
     calib = Calibration(allocation.n_windows, allocation.seq_len, calibration.text_file if calibration else None)

@@ -71,6 +71,12 @@ class TuneSettings:
             raise ValueError(f"stream_dtype={self.stream_dtype!r}: use one of {sorted(STREAM_DTYPES)}")
 
     @property
+    def departs_from_rtn(self) -> bool:
+        """Whether these settings can give other weights than round-to-nearest (then blocks are run one by
+        one on calibration data, and each result is checked against round-to-nearest)."""
+        return self.iters > 0 or self.clip_search
+
+    @property
     def offset_lr(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
@@ -264,7 +270,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         best[name].reset_rows(rows.to(device))
     with torch.no_grad():
         final_rtn = float(loss_on(eval_idx, None))
-        final_tuned = float(loss_on(eval_idx, best)) if settings.iters or settings.clip_search else final_rtn
+        final_tuned = float(loss_on(eval_idx, best)) if settings.departs_from_rtn else final_rtn
     fell_back = not math.isfinite(final_tuned) or final_tuned > final_rtn
     if fell_back:  # diverged or worse than plain rounding on held batch: keep round-to-nearest
         best = {k: LayerTunables.initial(w, specs[k], device) for k, w in weights.items()}
@@ -272,7 +278,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     return BlockResult(tunables=best, rtn_loss=rtn_loss if settings.iters else final_rtn,
                        best_loss=best_loss if settings.iters else final_rtn, final_rtn_loss=final_rtn,
                        final_tuned_loss=final_tuned, best_iter=best_iter, seconds=time.perf_counter() - t0,
-                       fell_back_to_rtn=fell_back and (settings.iters > 0 or settings.clip_search))
+                       fell_back_to_rtn=fell_back and settings.departs_from_rtn)
 
 
 @torch.no_grad()

@@ -1,5 +1,4 @@
 """Tier 1: mixed bits to a budget (offline_tuner/allocation.py): the choice itself, and whole runs on tiny models."""
-import json
 import random
 
 import pytest
@@ -121,26 +120,19 @@ def allocate_tiny(tmp_path, family, avg_bits, tokenizer_from, text, dims=None, *
     return model, ckpt, result.run_log["allocation"]
 
 
+def packed_layers(ckpt):
+    from signround_vllm.checkpoint import load_tensors, read_quant_config, split_packed_layers
+
+    return split_packed_layers(load_tensors(ckpt), read_quant_config(ckpt), str(ckpt))[0]
+
+
 def specs_of(ckpt):
-    from signround_vllm.checkpoint import read_quant_config
-
-    config = read_quant_config(ckpt)
-    names = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"] \
-        if (ckpt / "model.safetensors.index.json").exists() else None
-    if names is None:
-        from safetensors import safe_open
-
-        with safe_open(ckpt / "model.safetensors", "pt") as f:
-            names = list(f.keys())
-    layers = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith(".qweight")})
-    return {name: config.spec_for(name) for name in layers}
+    return {name: packed.spec for name, packed in packed_layers(ckpt).items()}
 
 
 def stored_bits_per_weight(ckpt) -> float:
     """Average stored bits per quantized weight, read back from the checkpoint's packed layers."""
-    from signround_vllm.checkpoint import load_tensors, read_quant_config, split_packed_layers
-
-    layers, _ = split_packed_layers(load_tensors(ckpt), read_quant_config(ckpt), str(ckpt))
+    layers = packed_layers(ckpt)
     weights = {n: p.in_features * p.out_features for n, p in layers.items()}
     bits = sum(weights[n] * bits_per_weight(p.spec, p.in_features) for n, p in layers.items())
     return bits / sum(weights.values())
