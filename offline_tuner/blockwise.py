@@ -27,6 +27,7 @@ import torch
 from signround_vllm.format import QWEIGHT, QZEROS, SCALES, PackedLinear, dequantize_packed, pack_linear
 from signround_vllm.shards import ShardedWriter
 from offline_tuner.architecture import record_block_calls
+from offline_tuner.compiling import AUTO_COMPILE_WORK, compile_pays
 from offline_tuner.errors import TunerInputError
 from offline_tuner.memory import MemoryPeak, return_freed_memory
 from offline_tuner.model_source import ModelSource, release
@@ -224,6 +225,12 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
             expert_tokens = {n: counter.counts[n.rpartition(".")[0]] for n in experts
                              if n.rpartition(".")[0] in counter.counts}
             keep_rtn_rows = {n: (c == 0).repeat_interleave(weights[n].shape[1]) for n, c in expert_tokens.items()}
+            if settings.compile == "auto":  # decided once, on the first block tuned
+                pays = compile_pays(settings.iters, len(blocks), sum(w.numel() for w in weights.values()))
+                settings = dataclasses.replace(settings, compile="on" if pays else "off")
+                if progress:
+                    progress(f"torch.compile of the tuning step: {settings.compile} (--compile auto: on for runs "
+                             f"of at least {AUTO_COMPILE_WORK:.0e} iterations x blocks x weights per block)")
             result: BlockResult = tune_block(block, weights, specs, streams.q, streams.fp, kwargs, settings,
                                              generator_seed=settings.seed * 1000 + i, progress=on_iter,
                                              keep_rtn_rows=keep_rtn_rows, importance=energy.means())

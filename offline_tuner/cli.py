@@ -102,6 +102,10 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--holdout", type=int, metavar="N",
                    help="calibration windows held back from tuning; a block keeps its tuned weights only if they "
                         "beat round-to-nearest on them (default 0: judged on a batch of the tuning windows)")
+    p.add_argument("--compile", choices=["auto", "on", "off"],
+                   help="torch.compile of the tuning step: the same computation (sums may round in another order), "
+                        "~25%% less time per step on a CPU, 5-25 s to compile once per run (default auto: on where "
+                        "the run is long enough to pay)")
     p.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=True,
                    help="run the block's matmuls in bf16 while tuning, on CUDA or a CPU with native bf16 "
                         "(default on; tunables and loss stay fp32)")
@@ -146,7 +150,7 @@ def tuning_from_args(args):
     tune = dataclasses.replace(tune, **{k: v for k, v in {
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
         "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed,
-        "clip_search": args.clip_search, "holdout": args.holdout,
+        "clip_search": args.clip_search, "holdout": args.holdout, "compile": args.compile,
         "loss": args.loss.replace("-", "_") if args.loss else None,
         "stream_dtype": args.stream_dtype}.items()
         if v is not None})

@@ -22,10 +22,11 @@ from typing import Callable, Mapping
 
 import torch
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from signround_vllm.format import LayerQuantSpec
-from offline_tuner.quant_core import quantize_weight, quantize_weight_to_ints, search_clipping
+from offline_tuner.compiling import COMPILE_CHOICES, CompiledOrEager
+from offline_tuner.fake_quant import FrozenWeight, fake_quantize
+from offline_tuner.quant_core import quantize_weight_to_ints, search_clipping
 
 Progress = Callable[[str], None]
 
@@ -57,6 +58,9 @@ class TuneSettings:
     holdout: int = 0
     # The objective (block_loss): "mse", or "token_normalized" (each token's error relative to its size).
     loss: str = "mse"
+    # torch.compile of the step (offline_tuner.compiling): "on", "off", or "auto" = where the run is long
+    # enough to win back the compile. Tuning driven by tune_block directly reads "auto" as "off".
+    compile: str = "auto"
 
     def __post_init__(self):
         if self.iters < 0:
@@ -65,6 +69,8 @@ class TuneSettings:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: use one of {list(LOSSES)}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile={self.compile!r}: use one of {list(COMPILE_CHOICES)}")
         if self.holdout < 0:
             raise ValueError(f"holdout={self.holdout}: must be >= 0")
         if self.stream_dtype not in STREAM_DTYPES:
@@ -131,28 +137,18 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def quantized_weights(weights: Mapping[str, torch.Tensor], specs: Mapping[str, LayerQuantSpec],
+def quantized_weights(weights: Mapping[str, FrozenWeight], specs: Mapping[str, LayerQuantSpec],
                       tunables: Mapping[str, LayerTunables] | None,
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Fake-quantized value of each tuned parameter, by its name: computed in float32, handed over in
-    `dtype` (bf16 where the block's matmuls run in bf16 anyway, so no float32 copy is kept)."""
+                      dtype: torch.dtype = torch.float32, compiled: bool = False) -> dict[str, torch.Tensor]:
+    """Fake-quantized value of each tuned parameter, by its name (round-to-nearest where `tunables` is
+    None): computed in float32, handed over in `dtype` (bf16 where the block's matmuls run in bf16 anyway,
+    so no float32 copy is kept). `specs` is kept for the callers' symmetry; each FrozenWeight has its spec."""
     out = {}
-    for name, w in weights.items():
-        t = tunables[name] if tunables is not None else None
-        args = t.tensors() if t else (None, None, None)
-        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
-            # Recomputed in the backward pass instead of keeping its ~8 weight-sized intermediates per
-            # layer alive: the same numbers, a fraction of the memory (the block's matmuls dominate time).
-            w_dq = checkpoint(_dequantized_weight, w, specs[name], *args, dtype, use_reentrant=False)
-        else:
-            w_dq = _dequantized_weight(w, specs[name], *args, dtype)
-        out[name] = w_dq
+    for name, frozen in weights.items():
+        t = (tunables[name] if tunables is not None
+             else LayerTunables.initial(frozen.groups.reshape(frozen.shape), specs[name], frozen.groups.device))
+        out[name] = fake_quantize(frozen, *t.tensors(), dtype=dtype, compiled=compiled)
     return out
-
-
-def _dequantized_weight(w, spec, rounding_offset, max_scale, min_scale, dtype) -> torch.Tensor:
-    rows = w.reshape(-1, w.shape[-1])
-    return quantize_weight(rows, spec, rounding_offset, max_scale, min_scale)[0].to(dtype).reshape(w.shape)
 
 
 def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
@@ -171,6 +167,24 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
         return torch.mean(err)
     scale = target.float().pow(2).mean(-1, keepdim=True) + 1e-6
     return torch.mean(err.mean(-1, keepdim=True) / scale)
+
+
+def _block_step_loss(block, overrides, x, target, block_kwargs, kind, device_type, autocast):
+    """The block's forward on its fake-quantized weights, and the loss against the targets."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = run_block(block, x, block_kwargs, overrides)
+    return block_loss(out, target, kind)
+
+
+_LOSS_FNS = {False: _block_step_loss}
+
+
+def _loss_fn(compiled: bool):
+    """_block_step_loss, eager or compiled (one compile per block class and batch shape serves every block:
+    the weights are inputs of the graph, not constants)."""
+    if compiled not in _LOSS_FNS:
+        _LOSS_FNS[compiled] = CompiledOrEager(_block_step_loss)
+    return _LOSS_FNS[compiled]
 
 
 def use_bf16_autocast(settings: TuneSettings, device: torch.device) -> bool:
@@ -199,10 +213,10 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     """
     t0 = time.perf_counter()
     device = next(iter(params.values())).device
-    weights = {name: p.detach().float() for name, p in params.items()}
-    tunables = {name: LayerTunables.initial(w, specs[name], device, clip=search_clipping(
-                    w.reshape(-1, w.shape[-1]), specs[name], (importance or {}).get(name))
-                    if settings.clip_search else None) for name, w in weights.items()}
+    weights = {name: FrozenWeight.of(p, specs[name]) for name, p in params.items()}
+    tunables = {name: LayerTunables.initial(p, specs[name], device, clip=search_clipping(
+                    p.detach().float().reshape(-1, p.shape[-1]), specs[name], (importance or {}).get(name))
+                    if settings.clip_search else None) for name, p in params.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
     n_all = inputs.shape[0]
@@ -217,17 +231,18 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     order = torch.empty(0, dtype=torch.long)  # epochs: every window once before any twice
 
     autocast = use_bf16_autocast(settings, device)
+    compiled = settings.compile == "on"
 
     def loss_on(idx, tun) -> torch.Tensor:
         # Tunables and rounding in float32; the weights handed to the matmuls in their dtype.
-        overrides = quantized_weights(weights, specs, tun, torch.bfloat16 if autocast else torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = run_block(block, inputs[idx].to(device, torch.float32), block_kwargs, overrides)
-        return block_loss(out, targets[idx].to(device, torch.float32), settings.loss)
+        overrides = quantized_weights(weights, specs, tun, torch.bfloat16 if autocast else torch.float32, compiled)
+        return _loss_fn(compiled)(block, overrides, inputs[idx].to(device, torch.float32),
+                                          targets[idx].to(device, torch.float32), block_kwargs, settings.loss,
+                                          device.type, autocast)
 
     best = {k: v.clone() for k, v in tunables.items()}  # with no iterations: the starting point
     best_loss, best_iter, rtn_loss = math.inf, 0, math.nan
-    params = offsets + (clips if settings.tune_minmax else [])
+    trained = offsets + (clips if settings.tune_minmax else [])
     step = {"decay": 1.0}
 
     def signed_step(p: torch.Tensor) -> None:
@@ -235,14 +250,14 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         gradients of the whole block are never held together."""
         is_offset = any(p is o for o in offsets)
         with torch.no_grad():
-            p -= (settings.offset_lr if is_offset else settings.clip_lr) * step["decay"] * torch.sign(p.grad)
+            p.add_(torch.sign(p.grad), alpha=-(settings.offset_lr if is_offset else settings.clip_lr) * step["decay"])
             if is_offset:
                 p.clamp_(-0.5, 0.5)
             else:
                 p.clamp_(0.0, 1.0)
         p.grad = None
 
-    hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in params]
+    hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in trained]
     for it in range(settings.iters):
         if order.numel() < bs:
             order = torch.cat([order, train_idx[torch.randperm(n, generator=gen)]])
@@ -259,7 +274,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
                 for kept, now in zip(best[k].tensors(), t.tensors()):
                     kept.copy_(now.detach())
         step["decay"] = 1.0 - it / settings.iters  # linear decay to 0
-        loss.backward(inputs=params)  # each parameter steps as soon as its gradient is ready
+        loss.backward(inputs=trained)  # each parameter steps as soon as its gradient is ready
         del loss
         if progress:
             progress(it, loss_value)
@@ -273,7 +288,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         final_tuned = float(loss_on(eval_idx, best)) if settings.departs_from_rtn else final_rtn
     fell_back = not math.isfinite(final_tuned) or final_tuned > final_rtn
     if fell_back:  # diverged or worse than plain rounding on held batch: keep round-to-nearest
-        best = {k: LayerTunables.initial(w, specs[k], device) for k, w in weights.items()}
+        best = {k: LayerTunables.initial(p, specs[k], device) for k, p in params.items()}
         final_tuned = final_rtn
     return BlockResult(tunables=best, rtn_loss=rtn_loss if settings.iters else final_rtn,
                        best_loss=best_loss if settings.iters else final_rtn, final_rtn_loss=final_rtn,

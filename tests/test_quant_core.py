@@ -1,4 +1,6 @@
 """Tier 1-2: round-to-nearest quantization core."""
+import warnings
+
 import pytest
 import torch
 
@@ -113,3 +115,77 @@ def test_clipping_search_over_the_plain_grid_is_round_to_nearest():
 
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     assert torch.equal(search_clipping(w, LayerQuantSpec(3, 32, False), grid=(1.0,)), torch.ones(4, 2))
+
+
+def _fake_quant_case(spec: LayerQuantSpec, n: int, k: int, seed: int):
+    """A weight with awkward groups (all zero, all non-negative, one huge value), offsets reaching +-0.5 and
+    clipping factors down to 0 (scales floored at the smallest float16), as the tuner meets them."""
+    gen = torch.Generator().manual_seed(seed)
+    g = spec.effective_group_size(k)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0, :g] = 0
+    w[1, :g] = w[1, :g].abs()
+    w[2, 0] = 3.0
+    v = (torch.rand(n, k, generator=gen) - 0.5).clamp(-0.5, 0.5)
+    v[3] = 0.5
+    a, b = torch.rand(n, k // g, generator=gen), torch.rand(n, k // g, generator=gen)
+    a[4, 0], b[4, 0] = 0.0, 0.0
+    return w, v, a, b
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group_size,n,k", [(32, 7, 96), (64, 9, 128), (-1, 6, 40)])
+def test_fused_fake_quantization_equals_the_reference_and_its_gradients(bits, sym, group_size, n, k):
+    """fake_quant's hand-written backward against autograd through quant_core.quantize_weight."""
+    from offline_tuner.fake_quant import FrozenWeight, fake_quantize
+
+    spec = LayerQuantSpec(bits, group_size, sym)
+    w, v, a, b = _fake_quant_case(spec, n, k, seed=bits * 10 + sym)
+    grad_out = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    tunables = [t.clone().requires_grad_() for t in (v, a, b)]
+    reference = quantize_weight(w, spec, *tunables)[0]
+    reference_grads = torch.autograd.grad(reference, tunables, grad_out)
+    fused = fake_quantize(FrozenWeight.of(w, spec), *tunables)
+    fused_grads = torch.autograd.grad(fused, tunables, grad_out)
+    assert torch.equal(fused, reference)
+    for got, want, name in zip(fused_grads, reference_grads, ("offset", "max_scale", "min_scale")):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=name)
+    assert fake_quantize(FrozenWeight.of(w, spec), *tunables, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(4, 64, True)], ids=str)
+def test_compiled_fake_quantization_equals_eager(spec):
+    """The torch.compile'd passes give eager's values exactly and its gradients up to summation order."""
+    from offline_tuner.fake_quant import FrozenWeight, fake_quantize
+
+    w, v, a, b = _fake_quant_case(spec, 33, 192, seed=3)
+    grad_out = torch.randn(33, 192, generator=torch.Generator().manual_seed(2)).bfloat16()
+    results = []
+    for compiled in (False, True):
+        tunables = [t.clone().requires_grad_() for t in (v, a, b)]
+        out = fake_quantize(FrozenWeight.of(w, spec), *tunables, dtype=torch.bfloat16, compiled=compiled)
+        results.append((out, torch.autograd.grad(out, tunables, grad_out)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert torch.equal(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
+    from offline_tuner import compiling
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no working C++ compiler")
+        return run
+
+    monkeypatch.setattr(compiling.torch, "compile", broken_compile)
+    doubled = compiling.CompiledOrEager(lambda x: 2 * x)
+    with pytest.warns(RuntimeWarning, match=r"failed \(RuntimeError: no working C\+\+ compiler\); running it eagerly"):
+        assert doubled(torch.tensor(3.0)) == 6.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert doubled(torch.tensor(4.0)) == 8.0
+    assert compiling.compile_pays(40, 30, 3_500_000) and not compiling.compile_pays(10, 2, 200_000)

@@ -51,6 +51,8 @@ def test_zero_iterations_reproduce_round_to_nearest_exactly(tiny_random, tmp_pat
 
 @pytest.mark.slow
 def test_tuned_block_beats_rounding_on_real_activations():
+    """Also with the step compiled (torch.compile): the same tuning up to floating-point order, which signed
+    descent amplifies (8% apart on this block), so the compiled result is held to the same bar."""
     from transformers import AutoTokenizer
 
     path = prepare_default_model()
@@ -69,6 +71,11 @@ def test_tuned_block_beats_rounding_on_real_activations():
     before = {n: w.detach().clone() for n, w in weights.items()}
     result = tune_block(block, weights, specs, x, targets, kwargs, TuneSettings(iters=30, batch_size=4), 0)
     assert result.final_tuned_loss < 0.8 * result.final_rtn_loss, result
+    compiled = tune_block(block, weights, specs, x, targets, kwargs,
+                          TuneSettings(iters=30, batch_size=4, compile="on"), 0)
+    assert compiled.final_rtn_loss == pytest.approx(result.final_rtn_loss, rel=1e-3)
+    assert compiled.final_tuned_loss < 0.8 * compiled.final_rtn_loss, compiled
+    assert compiled.final_tuned_loss == pytest.approx(result.final_tuned_loss, rel=0.2), (compiled, result)
     assert not result.fell_back_to_rtn
     for n, t in result.tunables.items():
         assert t.rounding_offset.abs().max() <= 0.5 and t.rounding_offset.abs().max() > 0
