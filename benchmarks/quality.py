@@ -36,7 +36,8 @@ from signround_vllm.format import LayerQuantSpec, SignRoundConfig, bits_per_weig
 from offline_tuner.default_model import cache_root, prepare_default_model  # noqa: E402
 from offline_tuner.evaluation import perplexity_of_model  # noqa: E402
 from offline_tuner.quantize import load_causal_lm, quantize_checkpoint  # noqa: E402
-from offline_tuner.text_data import news_text, python_docs_text, token_windows, wikipedia_text  # noqa: E402
+from offline_tuner.text_data import (SELECTION_DOC_MODULES, news_text, python_docs_text, token_windows,  # noqa: E402
+                                    wikipedia_text)
 
 AUTOROUND_VENV = REPO / ".cache" / "autoround-venv"
 AUTOROUND_PINS = ("auto-round==0.16.1", "transformers==5.19.0", "accelerate==1.15.0", "safetensors")
@@ -75,6 +76,27 @@ def load_dequantized(model, ckpt: Path):
     if unexpected or any(not k.startswith("lm_head") for k in missing):
         raise RuntimeError(f"{ckpt}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.Tensor:
+    """[n, length] tokens of the token stream `ids`, from its end, sharing no token with the calibration
+    windows drawn from it for any of `seeds` (drawn as offline_tuner.text_data.token_windows draws them)."""
+    used = torch.zeros(len(ids), dtype=torch.bool)
+    available = len(ids) // calib.seq_len
+    for seed in seeds:
+        for pick in torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:calib.n_samples]:
+            used[int(pick) * calib.seq_len:(int(pick) + 1) * calib.seq_len] = True
+    spans, stop = [], len(ids)
+    while len(spans) < n and stop >= length:
+        start = stop - length
+        if used[start:stop].any():
+            stop = int(torch.nonzero(used[start:stop])[0]) + start  # restart below the first used token
+            continue
+        spans.append(ids[start:stop])
+        stop = start
+    if len(spans) < n:
+        raise RuntimeError(f"the calibration split has too few unused {length}-token spans for {n} selection windows")
+    return torch.tensor(spans, dtype=torch.long)
 
 
 def ensure_autoround_venv() -> Path:
@@ -124,6 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--signround-args", default="",
                    help="extra arguments for `signround quantize`, for ablations (write --signround-args=\"--clip-search\"); the "
                         "round-to-nearest column stays plain")
+    p.add_argument("--texts", choices=["evaluation", "selection"], default="evaluation",
+                   help="evaluation (default): wiki, news, docs as below; selection: the texts on which tuning "
+                        "defaults are chosen, never the evaluation texts: wiki-sel (Wikipedia calibration-split "
+                        "windows that share no token with the calibration windows of the seeds run) and docs-sel "
+                        "(documentation strings of other standard-library modules)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
@@ -143,9 +170,16 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = {"wiki": token_windows(tokenizer, wikipedia_text("evaluation"), args.eval_windows, args.eval_seq_len, None),
-               "news": token_windows(tokenizer, news_text(), args.eval_windows, args.eval_seq_len, None),
-               "docs": token_windows(tokenizer, python_docs_text(), args.eval_windows, args.eval_seq_len, None)}
+    if args.texts == "evaluation":
+        windows = {"wiki": token_windows(tokenizer, wikipedia_text("evaluation"), args.eval_windows, args.eval_seq_len, None),
+                   "news": token_windows(tokenizer, news_text(), args.eval_windows, args.eval_seq_len, None),
+                   "docs": token_windows(tokenizer, python_docs_text(), args.eval_windows, args.eval_seq_len, None)}
+    else:
+        calibration_ids = tokenizer(wikipedia_text("calibration"), add_special_tokens=False,
+                                    return_attention_mask=False)["input_ids"]
+        windows = {"wiki-sel": unused_windows(calibration_ids, calib, args.seeds, args.eval_windows, args.eval_seq_len),
+                   "docs-sel": token_windows(tokenizer, python_docs_text(SELECTION_DOC_MODULES), args.eval_windows,
+                                             args.eval_seq_len, None)}
     model = load_causal_lm(model_dir, torch.bfloat16)
     base = perplexities(model, windows)
     log(f"bf16: {base}")
@@ -229,9 +263,13 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
         f"Tuning (both tools): {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
         f"(the same windows of the built-in Wikipedia calibration split for both tools, drawn with the seed), "
         f"batch {batch}, seeds {', '.join(map(str, args.seeds))}; lm_head stays bf16.",
-        f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens with transformers (bf16): "
-        "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles and `docs` = "
-        "documentation strings of Python standard-library modules (both out of domain).", "",
+        f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens with transformers (bf16): " + (
+            "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles and `docs` = "
+            "documentation strings of Python standard-library modules (both out of domain)." if args.texts == "evaluation"
+            else "selection texts, for choosing defaults (never the evaluation texts): `wiki-sel` = windows of the "
+            "Wikipedia calibration split that share no token with the calibration windows of these seeds (in domain), "
+            "`docs-sel` = documentation strings of other standard-library modules than the evaluation's (out of "
+            "domain)."), "",
         "## Mean over seeds", "",
         "| setting | bits/weight | text | bf16 | RTN | SignRound | auto-round | RTN-to-bf16 gap closed "
         "(SignRound / auto-round) | SignRound vs auto-round |",
