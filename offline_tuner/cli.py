@@ -97,8 +97,8 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
                         "channel's mean squared activation) instead of 1.0; with --iters 0, clipping by the search "
                         "alone (default off)")
     p.add_argument("--loss", choices=["mse", "token-normalized"],
-                   help="tuning objective: mse over all values (default), or each token's error relative to its "
-                        "own size (token-normalized), so a few huge activations do not dominate")
+                   help="tuning objective: each token's error relative to its own size (token-normalized, "
+                        "default), so a few huge activations do not dominate, or mse over all values")
     p.add_argument("--holdout", type=int, metavar="N",
                    help="calibration windows held back from tuning; a block keeps its tuned weights only if they "
                         "beat round-to-nearest on them (default 0: judged on a batch of the tuning windows)")

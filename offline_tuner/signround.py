@@ -56,8 +56,11 @@ class TuneSettings:
     # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
     # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
     holdout: int = 0
-    # The objective (block_loss): "mse", or "token_normalized" (each token's error relative to its size).
-    loss: str = "mse"
+    # The objective (block_loss): "token_normalized" (each token's error relative to its size), or "mse".
+    # Chosen on the selection texts (benchmarks/results/quality-selection-*.md), never the evaluation texts:
+    # with "mse" a few tokens with huge activations decide the loss from the middle of the model on, and
+    # tuning fits them at the cost of every other token.
+    loss: str = "token_normalized"
     # torch.compile of the step (offline_tuner.compiling): "on", "off", or "auto" = where the run is long
     # enough to win back the compile. Tuning driven by tune_block directly reads "auto" as "off".
     compile: str = "auto"
