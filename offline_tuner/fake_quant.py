@@ -2,8 +2,8 @@
 hand-written backward.
 
 Autograd through quantize_weight records about forty weight-sized operations per layer and step (and
-the tuner then recomputed them under checkpointing to save memory); on a CPU they took about two thirds
-of each step, more than the block's matmuls. Here the forward is eight weight-sized passes, the
+the tuner then recomputed them under checkpointing to save memory); on a CPU they took about half of
+each step (SmolLM2 block, 4 x 256 tokens: 118 ms per step before, 84 ms after, 65 ms compiled). Here the forward is eight weight-sized passes, the
 backward recomputes the integers from the saved per-group scale and zero (nothing weight-sized is kept
 between the two) and needs about a dozen, and the weight's per-group min and max, which never change
 while a block is tuned, are taken once per block (`FrozenWeight`).
@@ -104,8 +104,8 @@ class _FakeQuantize(torch.autograd.Function):
         out = dequantize(frozen.groups, offset.reshape(frozen.groups.shape), scale.unsqueeze(-1),
                          zero.unsqueeze(-1), frozen.spec.max_int, dtype).reshape(frozen.shape)
         ctx.frozen, ctx.compiled = frozen, compiled
-        ctx.save_for_backward(offset, raw, scale, zero, zero_unclamped if zero_unclamped is not None else scale,
-                              wmax, wmin)
+        ctx.save_for_backward(offset, raw, scale, zero,  # symmetric: no zero to clamp, scale stands in (unused)
+                              zero_unclamped if zero_unclamped is not None else scale, wmax, wmin)
         return out
 
     @staticmethod

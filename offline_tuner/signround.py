@@ -145,7 +145,7 @@ def quantized_weights(weights: Mapping[str, FrozenWeight], specs: Mapping[str, L
                       dtype: torch.dtype = torch.float32, compiled: bool = False) -> dict[str, torch.Tensor]:
     """Fake-quantized value of each tuned parameter, by its name (round-to-nearest where `tunables` is
     None): computed in float32, handed over in `dtype` (bf16 where the block's matmuls run in bf16 anyway,
-    so no float32 copy is kept). `specs` is kept for the callers' symmetry; each FrozenWeight has its spec."""
+    so no float32 copy is kept)."""
     out = {}
     for name, frozen in weights.items():
         t = (tunables[name] if tunables is not None
