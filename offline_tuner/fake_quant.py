@@ -3,10 +3,12 @@ hand-written backward.
 
 Autograd through quantize_weight records about forty weight-sized operations per layer and step (and
 the tuner then recomputed them under checkpointing to save memory); on a CPU they took about half of
-each step (SmolLM2 block, 4 x 256 tokens: 118 ms per step before, 84 ms after, 65 ms compiled). Here the forward is eight weight-sized passes, the
-backward recomputes the integers from the saved per-group scale and zero (nothing weight-sized is kept
-between the two) and needs about a dozen, and the weight's per-group min and max, which never change
-while a block is tuned, are taken once per block (`FrozenWeight`).
+each step (SmolLM2 block, 4 x 256 tokens: 118 ms per step before, about 90 ms after, 67 ms compiled).
+Here the forward is eight weight-sized passes and the backward, which recomputes the integers from the
+saved per-group scale and zero (nothing weight-sized is kept between the two), about a dozen; the
+weight's per-group min and max, which never change while a block is tuned, are taken once per block
+(`FrozenWeight`). Only the small per-group chain from the clipping factors to the scale and zero point
+goes through autograd, on quant_core.scales_from_extremes, so the scale rule is written once.
 
 The values are quantize_weight's exactly (the same operations in the same order); the gradients are its
 autograd gradients (straight-through rounding, clamp masks as torch's clamp backward) up to the order of
@@ -20,7 +22,7 @@ import torch
 
 from signround_vllm.format import LayerQuantSpec
 from offline_tuner.compiling import CompiledOrEager
-from offline_tuner.quant_core import MAX_SCALE_MAGNITUDE, MIN_SCALE_MAGNITUDE
+from offline_tuner.quant_core import scales_from_extremes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +50,9 @@ def fake_quantize(frozen: FrozenWeight, rounding_offset: torch.Tensor, max_scale
     return _FakeQuantize.apply(frozen, rounding_offset, max_scale, min_scale, dtype, compiled)
 
 
-def _scale_and_zero(frozen: FrozenWeight, max_scale, min_scale):
-    """quant_core.group_scales_and_zeros on the precomputed group extremes (values only)."""
-    spec = frozen.spec
-    wmax, wmin = frozen.group_max * max_scale, frozen.group_min * min_scale
-    if spec.sym:
-        raw = -torch.where(wmin.abs() > wmax, wmin, wmax) / spec.sym_zero_point
-    else:
-        raw = (wmax - wmin) / spec.max_int
-    floored = torch.where(raw.abs() < MIN_SCALE_MAGNITUDE,
-                          torch.where(raw < 0, -MIN_SCALE_MAGNITUDE, MIN_SCALE_MAGNITUDE), raw)
-    scale = floored.clamp(-MAX_SCALE_MAGNITUDE, MAX_SCALE_MAGNITUDE).to(torch.float16).float()
-    if spec.sym:
-        zero_unclamped = None
-        zero = torch.full_like(scale, float(spec.sym_zero_point))
-    else:
-        zero_unclamped = torch.round(-wmin / scale)
-        zero = zero_unclamped.clamp(0, spec.max_int)
-    return raw, scale, zero, zero_unclamped, wmax, wmin
+def _scales(frozen: FrozenWeight, max_scale, min_scale):
+    """(scale, zero or None) of each group: quant_core's rule on the precomputed group extremes."""
+    return scales_from_extremes(frozen.group_max * max_scale, frozen.group_min * min_scale, frozen.spec)
 
 
 def _dequantize(groups, offset, scale, zero, max_int: int, dtype: torch.dtype) -> torch.Tensor:
@@ -97,41 +84,38 @@ def kernels(compiled: bool):
 
 
 class _FakeQuantize(torch.autograd.Function):
+    """The weight-sized passes by hand; the small per-group chain from the clipping factors to the scale and
+    zero point by autograd through quant_core.scales_from_extremes (so its rule is written once)."""
+
     @staticmethod
     def forward(ctx, frozen: FrozenWeight, offset, max_scale, min_scale, dtype, compiled):
-        raw, scale, zero, zero_unclamped, wmax, wmin = _scale_and_zero(frozen, max_scale, min_scale)
+        scale, zero = _scales(frozen, max_scale, min_scale)
+        if zero is None:
+            zero = torch.full_like(scale, float(frozen.spec.sym_zero_point))
         dequantize, _ = kernels(compiled)
         out = dequantize(frozen.groups, offset.reshape(frozen.groups.shape), scale.unsqueeze(-1),
                          zero.unsqueeze(-1), frozen.spec.max_int, dtype).reshape(frozen.shape)
         ctx.frozen, ctx.compiled = frozen, compiled
-        ctx.save_for_backward(offset, raw, scale, zero,  # symmetric: no zero to clamp, scale stands in (unused)
-                              zero_unclamped if zero_unclamped is not None else scale, wmax, wmin)
+        ctx.save_for_backward(offset, max_scale, min_scale, scale, zero)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         frozen: FrozenWeight = ctx.frozen
-        spec = frozen.spec
-        offset, raw, scale, zero, zero_unclamped, wmax, wmin = ctx.saved_tensors
+        offset, max_scale, min_scale, scale, zero = ctx.saved_tensors
         _, gradient_sums = kernels(ctx.compiled)
         g_offset, g_q, g_inside_w, g_inside, g_all = gradient_sums(
             grad_out.reshape(frozen.groups.shape), frozen.groups, offset.reshape(frozen.groups.shape),
-            scale.unsqueeze(-1), zero.unsqueeze(-1), spec.max_int)
-        # d out / d scale = (q - z) directly, and - m * w / s^2 * s through x = w / s + V.
+            scale.unsqueeze(-1), zero.unsqueeze(-1), frozen.spec.max_int)
+        # Gradients of the loss in each group's scale and zero point taken as free inputs: d out / d scale is
+        # (q - z) directly and - m * w / s^2 * s through x = w / s + V; d out / d zero is s * (m - 1).
         g_scale = g_q - g_inside_w / scale
-        g_raw_passes = raw.abs() >= MIN_SCALE_MAGNITUDE  # the floor to the smallest float16 scale
-        if spec.sym:
-            g_raw = g_scale * g_raw_passes
-            g_largest = -g_raw / spec.sym_zero_point
-            min_wins = wmin.abs() > wmax
-            g_wmax, g_wmin = torch.where(min_wins, 0.0, g_largest), torch.where(min_wins, g_largest, 0.0)
-        else:
-            # The zero point, straight through its rounding and within its clamp: z = -wmin / s.
-            g_zero = (g_inside - g_all) * scale
-            g_zero = g_zero * ((zero_unclamped >= 0) & (zero_unclamped <= spec.max_int))
-            g_scale = g_scale + g_zero * wmin / (scale * scale)
-            g_raw = g_scale * g_raw_passes
-            g_wmax = g_raw / spec.max_int
-            g_wmin = -g_raw / spec.max_int - g_zero / scale
-        return (None, g_offset.reshape(offset.shape), g_wmax * frozen.group_max, g_wmin * frozen.group_min,
-                None, None)
+        with torch.enable_grad():
+            clips = [max_scale.detach().requires_grad_(), min_scale.detach().requires_grad_()]
+            scale_again, zero_again = _scales(frozen, *clips)
+            outputs, grads = [scale_again], [g_scale]
+            if zero_again is not None:
+                outputs.append(zero_again)
+                grads.append((g_inside - g_all) * scale)
+            g_max_scale, g_min_scale = torch.autograd.grad(outputs, clips, grads)
+        return None, g_offset.reshape(offset.shape), g_max_scale, g_min_scale, None, None

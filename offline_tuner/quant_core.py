@@ -50,6 +50,12 @@ def group_scales_and_zeros(w_groups: torch.Tensor, spec: LayerQuantSpec,
         wmax = wmax * max_scale
     if min_scale is not None:
         wmin = wmin * min_scale
+    return scales_from_extremes(wmax, wmin, spec)
+
+
+def scales_from_extremes(wmax: torch.Tensor, wmin: torch.Tensor, spec: LayerQuantSpec):
+    """Scale and zero point of each group from its clipped max (>= 0) and min (<= 0), [N, K // G] each; the
+    one definition of the rule, differentiable through straight-through rounding."""
     if spec.sym:
         # Full range: the value of largest magnitude maps exactly to -2^(bits-1).
         largest = torch.where(wmin.abs() > wmax, wmin, wmax)
