@@ -28,3 +28,20 @@ def calibration_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(wikipedia_text("calibration")[:40000])
     return path
+
+
+# The largest test (tests/test_memory_bound.py) writes a 1.4 GB model and its checkpoint; vLLM, Triton and
+# Inductor caches come on top. Refuse to start, with the reason, rather than fail dozens of tests midway.
+NEEDED_FREE_DISK = 3 * 2**30
+
+
+def pytest_sessionstart(session):
+    import shutil
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < NEEDED_FREE_DISK:
+        pytest.exit(f"only {free / 2**30:.1f} GiB free on the disk of {folder}; the test suite needs about "
+                    f"{NEEDED_FREE_DISK / 2**30:.0f} GiB there (set TMPDIR to a folder on a larger disk)",
+                    returncode=1)
