@@ -8,8 +8,11 @@ SignRound (`signround quantize`, a subprocess) and by PyPI auto-round (a subproc
 virtual environment, `.cache/autoround-venv`, created on first use; auto-round is not a
 dependency of the project). Both tuners get identical iterations, batch size, seed and the very
 same calibration windows; they run one after the other, in alternating order, so slow phases of
-a shared machine hit both. Perplexity is measured with transformers on the dequantized weights,
-on three held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain),
+a shared machine hit both. Perplexity is measured as vLLM serves each result (prompt
+log-probabilities, `benchmarks/served_perplexity.py`: this project's checkpoints through the plugin,
+auto-round's fake-quantized weights as a bf16 copy, since the plugin does not load its format) and,
+as a check, with transformers on the dequantized weights (`--no-served`: transformers only), on
+three held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain),
 Australian news articles and the documentation strings of Python standard-library modules (out of
 domain). `mixed<bits>` settings choose per-layer bits with `--avg-bits` (SignRound and
 round-to-nearest only). Prints a markdown report with the machine and the command, and writes it
@@ -99,6 +102,24 @@ def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.T
     return torch.tensor(spans, dtype=torch.long)
 
 
+def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float) -> dict:
+    """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess)."""
+    out = work / f"served-{tag}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "served_perplexity.py"), "--windows", str(windows_file),
+           "--out", str(out), "--models", *map(str, models.values())]
+    log(f"serving {len(models)} models with vLLM for perplexity ({tag})")
+    run_logged(cmd, work / "logs" / f"served-{tag}.log", timeout=timeout)
+    results = json.loads(out.read_text())
+    return {key: results[str(folder)] for key, folder in models.items()}
+
+
+def save_bf16_copy(model, folder: Path) -> Path:
+    """The model as it is in memory (e.g. with another tool's fake-quantized weights), saved as a plain bf16
+    folder that vLLM serves without a quantization method."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def ensure_autoround_venv() -> Path:
     """auto-round in its own venv, with this project's torch build so both tools run the same kernels."""
     python = AUTOROUND_VENV / "bin" / "python"
@@ -151,6 +172,8 @@ def main(argv=None) -> int:
                         "defaults are chosen, never the evaluation texts: wiki-sel (Wikipedia calibration-split "
                         "windows that share no token with the calibration windows of the seeds run) and docs-sel "
                         "(documentation strings of other standard-library modules)")
+    p.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
+                   help="perplexity as vLLM serves each result (default on; --no-served: transformers only)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
@@ -180,9 +203,12 @@ def main(argv=None) -> int:
         windows = {"wiki-sel": unused_windows(calibration_ids, calib, args.seeds, args.eval_windows, args.eval_seq_len),
                    "docs-sel": token_windows(tokenizer, python_docs_text(SELECTION_DOC_MODULES), args.eval_windows,
                                              args.eval_seq_len, None)}
+    windows_file = work / "eval-windows.pt"
+    torch.save(windows, windows_file)
     model = load_causal_lm(model_dir, torch.bfloat16)
     base = perplexities(model, windows)
     log(f"bf16: {base}")
+    served_base = serve({"bf16": model_dir}, windows_file, work, "bf16", args.timeout)["bf16"] if args.served else None
     rows, turn = [], 0
     for name in args.settings:
         spec = setting(name)
@@ -197,10 +223,11 @@ def main(argv=None) -> int:
                           *(["--sym"] if spec.sym else [])]
         rtn = perplexities(load_dequantized(model, rtn_dir), windows)
         log(f"{name} round-to-nearest: {rtn}")
+        to_serve, setting_rows = {("rtn", None): rtn_dir}, []
         for seed in args.seeds:
             row = {"name": name, "seed": seed, "rtn": rtn}
-            windows_file = work / f"calibration-seed{seed}.pt"
-            torch.save(calibration_windows(model_dir, calib, seed), windows_file)
+            calib_file = work / f"calibration-seed{seed}.pt"
+            torch.save(calibration_windows(model_dir, calib, seed), calib_file)
             tag = f"{name}-seed{seed}"
             sr_dir, ar_dir = work / f"signround-{tag}", work / f"autoround-{tag}"
             # key -> (label, command, run log written by the tool, its weights into the model)
@@ -214,7 +241,7 @@ def main(argv=None) -> int:
             if ar_python is not None and not mixed:
                 tools["ar"] = ("auto-round", [
                     str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
-                    "--out", str(ar_dir), "--calibration", str(windows_file), "--bits", str(spec.bits),
+                    "--out", str(ar_dir), "--calibration", str(calib_file), "--bits", str(spec.bits),
                     "--group-size", str(spec.group_size), "--iters", str(iters), "--batch-size", str(batch),
                     "--seed", str(seed), *(["--sym"] if spec.sym else [])],
                     ar_dir / "run.json", lambda: load_fake_quantized(model, ar_dir / "weights.safetensors"))
@@ -225,6 +252,9 @@ def main(argv=None) -> int:
                 wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
                 run = json.loads(run_file.read_text())
                 row[key] = perplexities(load_weights(), windows)
+                if args.served:
+                    to_serve[(key, seed)] = (run_file.parent if key == "sr"
+                                             else save_bf16_copy(model, run_file.parent / "served-bf16"))
                 if key == "sr":
                     row["bits_per_weight"] = (run["allocation"]["achieved_bits"] if mixed
                                               else bits_per_weight(spec, spec.group_size))
@@ -232,13 +262,22 @@ def main(argv=None) -> int:
                                      "tool": run.get("tool", label)}
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
             turn += 1
-            rows.append(row)
+            setting_rows.append(row)
+        if args.served:
+            served = serve({f"{k}-{s}": folder for (k, s), folder in to_serve.items()}, windows_file, work, name,
+                           args.timeout)
+            for row in setting_rows:
+                row["served"] = {k: served[f"{k}-{s}"] for (k, s) in to_serve if s in (None, row["seed"])}
+                log(f"{name}-seed{row['seed']} served: "
+                    + ", ".join(f"{k} {v['perplexity']}" for k, v in row["served"].items()))
+        rows += setting_rows
     loads.sample()
-    report = render(args, argv, base, rows, calib, iters, batch, loads, time.perf_counter() - t_start)
+    report = render(args, argv, base, served_base, rows, calib, iters, batch, loads, time.perf_counter() - t_start)
     print(report)
     if args.out:
         out = Path(args.out)
-        payload = {"machine": benchlib.machine_info(("torch", "transformers")), "bf16": base, "runs": rows,
+        payload = {"machine": benchlib.machine_info(("torch", "transformers")), "bf16": base,
+                   "bf16_served": served_base, "runs": rows,
                    "iters": iters, "batch_size": batch, "calibration": [calib.n_samples, calib.seq_len]}
         write_report(out.parent, out.stem, report, payload)  # <out>.md and the numbers in <out>.json
     return 0
@@ -249,10 +288,21 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
+def _ppl(row: dict, key: str, text: str, served: bool):
+    """A run's perplexity of one text: as served by vLLM (when measured) or by transformers."""
+    if served:
+        return row.get("served", {}).get(key, {}).get("perplexity", {}).get(text)
+    return row.get(key, {}).get(text)
+
+
+def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seconds) -> str:
     ar_tool = next((r["ar_run"]["tool"] for r in rows if "ar_run" in r), None)
     command = " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:]))
     fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    served = served_base is not None
+    how = ("served by vLLM (prompt log-probabilities of the served model; SignRound and round-to-nearest checkpoints "
+           "through the plugin, auto-round's fake-quantized weights saved as a bf16 copy, as the plugin does not load "
+           "its format)" if served else "with transformers (bf16) on the dequantized weights")
     lines = [
         f"# Quality: SmolLM2-135M-Instruct, round-to-nearest vs SignRound" + (f" vs {ar_tool}" if ar_tool else ""),
         "",
@@ -263,7 +313,7 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
         f"Tuning (both tools): {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
         f"(the same windows of the built-in Wikipedia calibration split for both tools, drawn with the seed), "
         f"batch {batch}, seeds {', '.join(map(str, args.seeds))}; lm_head stays bf16.",
-        f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens with transformers (bf16): " + (
+        f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens {how}: " + (
             "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles and `docs` = "
             "documentation strings of Python standard-library modules (both out of domain)." if args.texts == "evaluation"
             else "selection texts, for choosing defaults (never the evaluation texts): `wiki-sel` = windows of the "
@@ -278,9 +328,10 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
     for name in names:
         group = [r for r in rows if r["name"] == name]
         for text in base:
-            b, rtn = base[text], group[0]["rtn"][text]
-            sr = _mean([r.get("sr", {}).get(text) for r in group])
-            ar = _mean([r.get("ar", {}).get(text) for r in group])
+            b = served_base["perplexity"][text] if served else base[text]
+            rtn = _ppl(group[0], "rtn", text, served)
+            sr = _mean([_ppl(r, "sr", text, served) for r in group])
+            ar = _mean([_ppl(r, "ar", text, served) for r in group])
 
             def closed(v):
                 return f"{(rtn - v) / (rtn - b) * 100:.0f}%" if v is not None and rtn > b else "-"
@@ -290,12 +341,18 @@ def render(args, argv, base, rows, calib, iters, batch, loads, seconds) -> str:
             lines.append(f"| {name} | {fmt(bpw) if bpw is None else f'{bpw:.3f}'} | {text} | {b:.2f} | {fmt(rtn)} | "
                          f"{fmt(sr)} | {fmt(ar)} | "
                          f"{closed(sr)} / {closed(ar)} | {versus} |")
+    if served:  # the served figures against transformers on the same weights
+        pairs = [(served_base["perplexity"][t], base[t]) for t in base]
+        pairs += [(_ppl(r, k, t, True), _ppl(r, k, t, False)) for r in rows for k in ("rtn", "sr", "ar") for t in base]
+        worst = max(abs(s / t - 1) for s, t in pairs if s is not None and t is not None)
+        lines += ["", f"Check: served perplexities differ from transformers' on the same bf16 weights by at most "
+                      f"{worst * 100:.2f}% over all {sum(s is not None for s, _ in pairs)} figures."]
     texts = list(base)
     lines += ["", "## Each run", "", "| setting | seed | " + " | ".join(f"{t} SignRound | {t} auto-round" for t in texts)
               + " |", "|---|---|" + "---|---|" * len(texts)]
     for r in rows:
         lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(
-            f"{fmt(r.get('sr', {}).get(t))} | {fmt(r.get('ar', {}).get(t))}" for t in texts) + " |")
+            f"{fmt(_ppl(r, 'sr', t, served))} | {fmt(_ppl(r, 'ar', t, served))}" for t in texts) + " |")
     lines += ["", "## Tuning cost", "",
               "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; auto-round's "
               "covers calibration and tuning (its model is loaded before the clock starts). Process: wall time of "

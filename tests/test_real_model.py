@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.served_perplexity import perplexity_of_engine
 from signround_vllm.checkpoint import write_dequantized_copy
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 from offline_tuner.default_model import prepare_default_model
@@ -30,18 +31,6 @@ def eval_windows(smollm2):
                          seed=None)
 
 
-def vllm_perplexity(llm, windows) -> float:
-    from vllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": w.tolist()} for w in windows],
-                        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    logprobs = []
-    for w, o in zip(windows.tolist(), outs):
-        logprobs += [d[t].logprob for t, d in zip(w[1:], o.prompt_logprobs[1:])]
-    assert len(logprobs) == len(windows) * (SEQ_LEN - 1)
-    return math.exp(-sum(logprobs) / len(logprobs))
-
-
 def test_served_w4g64_perplexity_matches_transformers(smollm2, eval_windows, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -51,7 +40,7 @@ def test_served_w4g64_perplexity_matches_transformers(smollm2, eval_windows, tmp
     model = AutoModelForCausalLM.from_pretrained(deq, dtype=torch.bfloat16)
     ppl_transformers = perplexity_of_model(model, eval_windows)
     del model
-    ppl_served = run_on(ckpt, lambda llm: vllm_perplexity(llm, eval_windows), max_model_len=1024)
+    ppl_served = run_on(ckpt, lambda llm: perplexity_of_engine(llm, eval_windows), max_model_len=1024)
     print(f"W4G64 perplexity: transformers (dequantized bf16) {ppl_transformers:.3f}, vLLM served {ppl_served:.3f}")
     assert math.isfinite(ppl_served) and 5 < ppl_served < 100
     assert abs(ppl_served / ppl_transformers - 1) < 0.01
