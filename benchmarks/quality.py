@@ -102,9 +102,14 @@ def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.T
     return torch.tensor(spans, dtype=torch.long)
 
 
-def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float) -> dict:
-    """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess)."""
+def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float, resume: bool) -> dict:
+    """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess).
+    With `resume`, the results of an earlier call for the same folders are reused."""
     out = work / f"served-{tag}.json"
+    earlier = benchlib.read_json(out) if resume else None
+    if earlier is not None and all(str(folder) in earlier for folder in models.values()):
+        log(f"reusing the served perplexities in {out} (--resume)")
+        return {key: earlier[str(folder)] for key, folder in models.items()}
     cmd = [sys.executable, str(REPO / "benchmarks" / "served_perplexity.py"), "--windows", str(windows_file),
            "--out", str(out), "--models", *map(str, models.values())]
     log(f"serving {len(models)} models with vLLM for perplexity ({tag})")
@@ -177,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-seq-len", type=int, default=1024)
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse tool runs and served perplexities that an earlier call with the same --work finished "
+                        "with the very same command (a stopped run can be taken up again)")
     p.add_argument("--out", help="also write the markdown report to this .md file (and its numbers beside it, .json)")
     p.add_argument("--work", default=str(cache_root() / "bench-quality"))
     args = p.parse_args(argv)
@@ -208,7 +216,8 @@ def main(argv=None) -> int:
     model = load_causal_lm(model_dir, torch.bfloat16)
     base = perplexities(model, windows)
     log(f"bf16: {base}")
-    served_base = serve({"bf16": model_dir}, windows_file, work, "bf16", args.timeout)["bf16"] if args.served else None
+    served_base = (serve({"bf16": model_dir}, windows_file, work, "bf16", args.timeout, args.resume)["bf16"]
+                   if args.served else None)
     rows, turn = [], 0
     for name in args.settings:
         spec = setting(name)
@@ -247,9 +256,16 @@ def main(argv=None) -> int:
                     ar_dir / "run.json", lambda: load_fake_quantized(model, ar_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
                 label, cmd, run_file, load_weights = tools[key]
-                log(" ".join(cmd))
-                loads.sample()
-                wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
+                record_file = run_file.parent / "bench-record.json"
+                record = benchlib.read_json(record_file) if args.resume else None
+                if record is not None and record["cmd"] == cmd and run_file.is_file():
+                    wall = record["wall"]
+                    log(f"{tag} {label}: reusing the finished run in {run_file.parent} (--resume)")
+                else:
+                    log(" ".join(cmd))
+                    loads.sample()
+                    wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
+                    record_file.write_text(json.dumps({"cmd": cmd, "wall": wall}))
                 run = json.loads(run_file.read_text())
                 row[key] = perplexities(load_weights(), windows)
                 if args.served:
@@ -265,7 +281,7 @@ def main(argv=None) -> int:
             setting_rows.append(row)
         if args.served:
             served = serve({f"{k}-{s}": folder for (k, s), folder in to_serve.items()}, windows_file, work, name,
-                           args.timeout)
+                           args.timeout, args.resume)
             for row in setting_rows:
                 row["served"] = {k: served[f"{k}-{s}"] for (k, s) in to_serve if s in (None, row["seed"])}
                 log(f"{name}-seed{row['seed']} served: "
