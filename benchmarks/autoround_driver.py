@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--threads", type=int)
+    p.add_argument("--alg-ext", action="store_true", help="auto-round's SignRoundV2 extensions (enable_alg_ext=True)")
     args = p.parse_args()
 
     import torch
@@ -47,7 +48,8 @@ def main() -> int:
     t0 = time.perf_counter()
     rounder = AutoRound(model, tokenizer, bits=args.bits, group_size=args.group_size, sym=args.sym,
                         iters=args.iters, nsamples=n_samples, seqlen=seq_len, batch_size=args.batch_size,
-                        seed=args.seed, dataset=[w.unsqueeze(0) for w in windows], device_map="cpu")
+                        seed=args.seed, dataset=[w.unsqueeze(0) for w in windows], device_map="cpu",
+                        **({"enable_alg_ext": True} if args.alg_ext else {}))
     rounder.quantize()
     seconds = time.perf_counter() - t0
     quantized = rounder.model
@@ -57,7 +59,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "weights.safetensors"))
-    run = {"tool": f"auto-round {auto_round.__version__}", "torch": torch.__version__,
+    run = {"tool": f"auto-round {auto_round.__version__}" + (" enable_alg_ext" if args.alg_ext else ""), "torch": torch.__version__,
            "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
            "n_samples": n_samples, "seq_len": seq_len, "batch_size": args.batch_size, "seed": args.seed,

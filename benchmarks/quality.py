@@ -44,6 +44,15 @@ from offline_tuner.text_data import (SELECTION_DOC_MODULES, news_text, python_do
 
 AUTOROUND_VENV = REPO / ".cache" / "autoround-venv"
 AUTOROUND_PINS = ("auto-round==0.16.1", "transformers==5.19.0", "accelerate==1.15.0", "safetensors")
+LLMCOMPRESSOR_VENV = REPO / ".cache" / "llmcompressor-venv"
+LLMCOMPRESSOR_PINS = ("llmcompressor==0.14.0.1", "transformers==5.17.0")  # it asks for transformers <= 5.17
+# Tools other than SignRound, each in its own venv: key -> (label, venv, pins, driver script, driver arguments).
+ANCHORS = {
+    "autoround": ("auto-round", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", []),
+    "autoround-ext": ("auto-round alg-ext", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", ["--alg-ext"]),
+    "gptq": ("GPTQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py", ["--algorithm", "gptq"]),
+    "awq": ("AWQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py", ["--algorithm", "awq"]),
+}
 SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpec(4, 64, True),
             "W3G64asym": LayerQuantSpec(3, 64, False), "W3G32sym": LayerQuantSpec(3, 32, True),
             "W2G32asym": LayerQuantSpec(2, 32, False), "W2G64asym": LayerQuantSpec(2, 64, False)}
@@ -74,7 +83,14 @@ def perplexities(model, windows: dict) -> dict:
     return {name: perplexity_of_model(model, w) for name, w in windows.items()}
 
 
+def restore_base(model):
+    """Put the model's own bf16 tensors back (a tool may have changed more than the linear weights)."""
+    model.load_state_dict(model.base_state, strict=True)
+    return model
+
+
 def load_dequantized(model, ckpt: Path):
+    restore_base(model)
     missing, unexpected = model.load_state_dict(dequantized_state_dict(ckpt, torch.bfloat16), strict=False)
     if unexpected or any(not k.startswith("lm_head") for k in missing):
         raise RuntimeError(f"{ckpt}: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -125,28 +141,36 @@ def save_bf16_copy(model, folder: Path) -> Path:
     return folder
 
 
-def ensure_autoround_venv() -> Path:
-    """auto-round in its own venv, with this project's torch build so both tools run the same kernels."""
-    python = AUTOROUND_VENV / "bin" / "python"
-    stamp = AUTOROUND_VENV / ".pins"
-    pins = (f"torch=={torch.__version__}", *AUTOROUND_PINS)
+def ensure_venv(venv: Path, pins: tuple[str, ...]) -> Path:
+    """A tool in its own venv, with this project's torch build so every tool runs the same kernels."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".pins"
+    pins = (f"torch=={torch.__version__}", *pins)
     if python.exists() and stamp.exists() and stamp.read_text() == " ".join(pins):
         return python
-    log(f"creating {AUTOROUND_VENV} with {' '.join(pins)} (about a minute)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(AUTOROUND_VENV)], check=True)
+    log(f"creating {venv} with {' '.join(pins)} (a minute or two)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, stdout=sys.stderr)
     stamp.write_text(" ".join(pins))
     return python
 
 
+def ensure_autoround_venv() -> Path:
+    return ensure_venv(AUTOROUND_VENV, AUTOROUND_PINS)
+
+
 def load_fake_quantized(model, weights_file: Path):
+    """Load another tool's fake-quantized weights: every linear weight but lm_head's, and optionally other
+    tensors it changed (AWQ rescales norms); nothing the model does not have."""
     from safetensors.torch import load_file
 
     weights = load_file(str(weights_file))
-    expected = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    if set(weights) != expected:
-        raise RuntimeError(f"{weights_file}: linear weights differ from the model's: "
-                           f"missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}")
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    known = set(model.state_dict())
+    if not linears <= set(weights) or not set(weights) <= known:
+        raise RuntimeError(f"{weights_file}: weights differ from the model's: missing linear weights "
+                           f"{sorted(linears - set(weights))[:3]}, unknown {sorted(set(weights) - known)[:3]}")
+    restore_base(model)
     model.load_state_dict(weights, strict=False)
     return model
 
@@ -167,6 +191,10 @@ def main(argv=None) -> int:
                    help="one run per seed (calibration windows and batches); means are reported too")
     p.add_argument("--autoround", action=argparse.BooleanOptionalAction, default=True,
                    help="also run PyPI auto-round side by side (default on)")
+    p.add_argument("--anchors", nargs="*", default=[], choices=[k for k in ANCHORS if k != "autoround"],
+                   help="more tools side by side, each in its own venv under .cache: autoround-ext = auto-round with "
+                        "its SignRoundV2 extensions (enable_alg_ext); gptq, awq = llm-compressor's GPTQModifier and "
+                        "AWQModifier (+ QuantizationModifier) at the same bits and group size, same windows")
     p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="storage of SignRound's activation streams between blocks (default float32)")
     p.add_argument("--signround-args", default="",
@@ -197,7 +225,8 @@ def main(argv=None) -> int:
     calib = Calibration(args.n_samples or calib.n_samples, args.seq_len or calib.seq_len)
     t_start, loads = time.perf_counter(), benchlib.LoadWatch()
     model_dir = prepare_default_model(progress=log)
-    ar_python = ensure_autoround_venv() if args.autoround else None
+    anchors = (["autoround"] if args.autoround else []) + args.anchors
+    anchor_python = {key: ensure_venv(ANCHORS[key][1], ANCHORS[key][2]) for key in anchors}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -214,6 +243,7 @@ def main(argv=None) -> int:
     windows_file = work / "eval-windows.pt"
     torch.save(windows, windows_file)
     model = load_causal_lm(model_dir, torch.bfloat16)
+    model.base_state = {k: v.clone() for k, v in model.state_dict().items()}
     base = perplexities(model, windows)
     log(f"bf16: {base}")
     served_base = (serve({"bf16": model_dir}, windows_file, work, "bf16", args.timeout, args.resume)["bf16"]
@@ -238,7 +268,7 @@ def main(argv=None) -> int:
             calib_file = work / f"calibration-seed{seed}.pt"
             torch.save(calibration_windows(model_dir, calib, seed), calib_file)
             tag = f"{name}-seed{seed}"
-            sr_dir, ar_dir = work / f"signround-{tag}", work / f"autoround-{tag}"
+            sr_dir = work / f"signround-{tag}"
             # key -> (label, command, run log written by the tool, its weights into the model)
             tools = {"sr": ("SignRound", [
                 str(Path(sys.executable).with_name("signround")), "quantize", str(model_dir), "--out", str(sr_dir),
@@ -247,13 +277,16 @@ def main(argv=None) -> int:
                 "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
                 "--stream-dtype", args.stream_dtype, *args.signround_args.split()],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
-            if ar_python is not None and not mixed:
-                tools["ar"] = ("auto-round", [
-                    str(ar_python), str(REPO / "benchmarks" / "autoround_driver.py"), str(model_dir),
-                    "--out", str(ar_dir), "--calibration", str(calib_file), "--bits", str(spec.bits),
-                    "--group-size", str(spec.group_size), "--iters", str(iters), "--batch-size", str(batch),
-                    "--seed", str(seed), *(["--sym"] if spec.sym else [])],
-                    ar_dir / "run.json", lambda: load_fake_quantized(model, ar_dir / "weights.safetensors"))
+            for key in ([] if mixed else anchors):
+                label, _, _, driver, extra = ANCHORS[key]
+                out_dir = work / f"{key}-{tag}"
+                tuning = (["--iters", str(iters), "--batch-size", str(batch)] if driver == "autoround_driver.py" else [])
+                tools[key] = (label, [
+                    str(anchor_python[key]), str(REPO / "benchmarks" / driver), str(model_dir), *extra,
+                    "--out", str(out_dir), "--calibration", str(calib_file), "--bits", str(spec.bits),
+                    "--group-size", str(spec.group_size), *tuning, "--seed", str(seed), *(["--sym"] if spec.sym else [])],
+                    out_dir / "run.json",
+                    lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
                 label, cmd, run_file, load_weights = tools[key]
                 record_file = run_file.parent / "bench-record.json"
@@ -312,23 +345,27 @@ def _ppl(row: dict, key: str, text: str, served: bool):
 
 
 def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seconds) -> str:
-    ar_tool = next((r["ar_run"]["tool"] for r in rows if "ar_run" in r), None)
+    anchors = [k for k in ANCHORS if any(k in r for r in rows)]
+    labels = {"sr": "SignRound", **{k: ANCHORS[k][0] for k in anchors}}
+    tools = {k: next(r[f"{k}_run"]["tool"] for r in rows if f"{k}_run" in r) for k in anchors}
     command = " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:]))
     fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     served = served_base is not None
     how = ("served by vLLM (prompt log-probabilities of the served model; SignRound and round-to-nearest checkpoints "
-           "through the plugin, auto-round's fake-quantized weights saved as a bf16 copy, as the plugin does not load "
-           "its format)" if served else "with transformers (bf16) on the dequantized weights")
+           "through the plugin, the other tools' fake-quantized weights saved as a bf16 copy, as the plugin does not "
+           "load their formats)" if served else "with transformers (bf16) on the dequantized weights")
     lines = [
-        f"# Quality: SmolLM2-135M-Instruct, round-to-nearest vs SignRound" + (f" vs {ar_tool}" if ar_tool else ""),
+        "# Quality: SmolLM2-135M-Instruct, round-to-nearest vs SignRound"
+        + "".join(f" vs {tools[k]}" for k in anchors),
         "",
         f"Machine: {machine(('torch', 'transformers'))}; {loads.describe()} "
         f"(above 2 means other jobs shared the 2 cores). Date: {time.strftime('%Y-%m-%d %H:%M')}; "
         f"wall time {seconds / 60:.0f} min.",
         f"Command: `{command}`",
-        f"Tuning (both tools): {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
-        f"(the same windows of the built-in Wikipedia calibration split for both tools, drawn with the seed), "
-        f"batch {batch}, seeds {', '.join(map(str, args.seeds))}; lm_head stays bf16.",
+        f"Tuning: {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
+        f"(the same windows of the built-in Wikipedia calibration split for every tool, drawn with the seed), "
+        f"batch {batch} (SignRound and auto-round; GPTQ and AWQ take no iterations), seeds "
+        f"{', '.join(map(str, args.seeds))}; lm_head stays bf16.",
         f"Perplexity on {args.eval_windows} x {args.eval_seq_len} held-out tokens {how}: " + (
             "`wiki` = Wikipedia evaluation split (in domain), `news` = Lee corpus news articles and `docs` = "
             "documentation strings of Python standard-library modules (both out of domain)." if args.texts == "evaluation"
@@ -337,59 +374,59 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
             "`docs-sel` = documentation strings of other standard-library modules than the evaluation's (out of "
             "domain)."), "",
         "## Mean over seeds", "",
-        "| setting | bits/weight | text | bf16 | RTN | SignRound | auto-round | RTN-to-bf16 gap closed "
-        "(SignRound / auto-round) | SignRound vs auto-round |",
-        "|---|---|---|---|---|---|---|---|---|"]
+        "| setting | bits/weight | text | bf16 | RTN | " + " | ".join(labels.values())
+        + " | RTN-to-bf16 gap closed by SignRound |" + "".join(f" SignRound vs {labels[k]} |" for k in anchors),
+        "|---|---|---|---|---|" + "---|" * len(labels) + "---|" + "---|" * len(anchors)]
     names = list(dict.fromkeys(r["name"] for r in rows))
     for name in names:
         group = [r for r in rows if r["name"] == name]
         for text in base:
             b = served_base["perplexity"][text] if served else base[text]
             rtn = _ppl(group[0], "rtn", text, served)
-            sr = _mean([_ppl(r, "sr", text, served) for r in group])
-            ar = _mean([_ppl(r, "ar", text, served) for r in group])
-
-            def closed(v):
-                return f"{(rtn - v) / (rtn - b) * 100:.0f}%" if v is not None and rtn > b else "-"
-
-            versus = f"{(sr / ar - 1) * 100:+.1f}%" if sr is not None and ar is not None else "-"
+            means = {k: _mean([_ppl(r, k, text, served) for r in group]) for k in labels}
+            sr = means["sr"]
+            closed = f"{(rtn - sr) / (rtn - b) * 100:.0f}%" if sr is not None and rtn > b else "-"
+            versus = [f"{(sr / means[k] - 1) * 100:+.1f}%" if sr is not None and means[k] is not None else "-"
+                      for k in anchors]
             bpw = _mean([r.get("bits_per_weight") for r in group])
             lines.append(f"| {name} | {fmt(bpw) if bpw is None else f'{bpw:.3f}'} | {text} | {b:.2f} | {fmt(rtn)} | "
-                         f"{fmt(sr)} | {fmt(ar)} | "
-                         f"{closed(sr)} / {closed(ar)} | {versus} |")
+                         + " | ".join(fmt(v) for v in means.values()) + f" | {closed} |"
+                         + "".join(f" {v} |" for v in versus))
     if served:  # the served figures against transformers on the same weights
         pairs = [(served_base["perplexity"][t], base[t]) for t in base]
-        pairs += [(_ppl(r, k, t, True), _ppl(r, k, t, False)) for r in rows for k in ("rtn", "sr", "ar") for t in base]
+        pairs += [(_ppl(r, k, t, True), _ppl(r, k, t, False)) for r in rows for k in ("rtn", *labels) for t in base]
         worst = max(abs(s / t - 1) for s, t in pairs if s is not None and t is not None)
         lines += ["", f"Check: served perplexities differ from transformers' on the same bf16 weights by at most "
                       f"{worst * 100:.2f}% over all {sum(s is not None for s, _ in pairs)} figures."]
     texts = list(base)
-    lines += ["", "## Each run", "", "| setting | seed | " + " | ".join(f"{t} SignRound | {t} auto-round" for t in texts)
-              + " |", "|---|---|" + "---|---|" * len(texts)]
+    lines += ["", "## Each run", "", "| setting | seed | tool | " + " | ".join(texts) + " |",
+              "|---|---|---|" + "---|" * len(texts)]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(
-            f"{fmt(_ppl(r, 'sr', t, served))} | {fmt(_ppl(r, 'ar', t, served))}" for t in texts) + " |")
+        for k, label in labels.items():
+            if k in r:
+                lines.append(f"| {r['name']} | {r['seed']} | {label} | "
+                             + " | ".join(fmt(_ppl(r, k, t, served)) for t in texts) + " |")
     lines += ["", "## Tuning cost", "",
-              "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; auto-round's "
-              "covers calibration and tuning (its model is loaded before the clock starts). Process: wall time of "
-              "the whole subprocess, Python start and imports included. Peak RSS of the process. Means over seeds.",
-              "", "| setting | SignRound tool time | auto-round tool time | ratio | SignRound process "
-              "| auto-round process | ratio | SignRound peak RSS | auto-round peak RSS |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; the other tools' "
+              "cover calibration and quantization (their model is loaded before the clock starts). Process: wall time "
+              "of the whole subprocess, Python start and imports included. Peak RSS of the process. Means over seeds; "
+              "ratios are to SignRound's figure in the same runs.", "",
+              "| setting | tool | tool time | ratio to SignRound | process | ratio to SignRound | peak RSS |",
+              "|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "-"  # noqa: E731
+    secs = lambda x: f"{x:.0f} s" if x is not None else "-"  # noqa: E731
+    ratio = lambda x, y: f"{x / y:.2f}" if x is not None and y else "-"  # noqa: E731
     for name in names:
         group = [r for r in rows if r["name"] == name]
-        s = {k: _mean([r.get("sr_run", {}).get(k) for r in group]) for k in ("seconds", "wall", "peak_rss_bytes")}
-        a = {k: _mean([r.get("ar_run", {}).get(k) for r in group]) for k in ("seconds", "wall", "peak_rss_bytes")}
-        if s["seconds"] is None:
-            continue
-        ratio = lambda x, y: f"{x / y:.2f}" if x is not None and y else "-"  # noqa: E731
-        secs = lambda x: f"{x:.0f} s" if x is not None else "-"  # noqa: E731
-        lines.append(f"| {name} | {secs(s['seconds'])} | {secs(a['seconds'])} | {ratio(s['seconds'], a['seconds'])} | "
-                     f"{secs(s['wall'])} | {secs(a['wall'])} | {ratio(s['wall'], a['wall'])} | "
-                     f"{gib(s['peak_rss_bytes'])} | {gib(a['peak_rss_bytes'])} |")
+        cost = {k: {m: _mean([r.get(f"{k}_run", {}).get(m) for r in group]) for m in ("seconds", "wall", "peak_rss_bytes")}
+                for k in labels}
+        for k, label in labels.items():
+            c, sr = cost[k], cost["sr"]
+            if c["seconds"] is None:
+                continue
+            lines.append(f"| {name} | {label} | {secs(c['seconds'])} | {ratio(c['seconds'], sr['seconds'])} | "
+                         f"{secs(c['wall'])} | {ratio(c['wall'], sr['wall'])} | {gib(c['peak_rss_bytes'])} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,3 +36,35 @@ def test_selection_windows_share_no_token_with_any_seeds_calibration_windows():
     assert len(set(selection.flatten().tolist())) == 4 * 1024  # four distinct spans
     for row in selection:  # each a contiguous span of the stream
         assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 1024))
+
+
+def test_report_means_served_figures_over_seeds_for_every_tool():
+    import argparse
+
+    from benchmarks.benchlib import LoadWatch
+    from offline_tuner.quantize import Calibration
+
+    quality = load_quality()
+
+    def served(ppl):
+        return {"method": "signround", "perplexity": {"wiki": ppl}}
+
+    def run(seconds):
+        return {"seconds": seconds, "wall": seconds + 10, "peak_rss_bytes": 2**30, "tool": "x"}
+
+    rows = [{"name": "W3G64asym", "seed": seed, "bits_per_weight": 3.375, "rtn": {"wiki": 50.0},
+             "sr": {"wiki": 20.0 + seed - 42}, "gptq": {"wiki": 30.0}, "sr_run": run(100), "gptq_run": run(300),
+             "served": {"rtn": served(51.0), "sr": served(21.0 + 2 * (seed - 42)), "gptq": served(32.0)}}
+            for seed in (42, 43)]
+    args = argparse.Namespace(seeds=[42, 43], eval_windows=4, eval_seq_len=1024, texts="evaluation")
+    report = quality.render(args, [], {"wiki": 10.0}, served(11.0), rows, Calibration(32, 256), 40, 4,
+                            LoadWatch(), 60)
+    # served means: SignRound (21 + 23) / 2 = 22, GPTQ 32; gap closed (51 - 22) / (51 - 11) = 72%; 22 / 32 - 1
+    assert "| W3G64asym | 3.375 | wiki | 11.00 | 51.00 | 22.00 | 32.00 | 72% | -31.2% |" in report
+    assert "| W3G64asym | 43 | GPTQ | 32.00 |" in report
+    assert "| W3G64asym | GPTQ | 300 s | 3.00 | 310 s | 2.82 | 1.00 GiB |" in report
+    # the check line compares served with transformers figures: worst is GPTQ 32 vs 30
+    assert "at most 10.00%" in report
+    transformers_only = quality.render(args, [], {"wiki": 10.0}, None, rows, Calibration(32, 256), 40, 4,
+                                       LoadWatch(), 60)
+    assert "| W3G64asym | 3.375 | wiki | 10.00 | 50.00 | 20.50 | 30.00 | 74% | -31.7% |" in transformers_only
