@@ -1,22 +1,24 @@
-"""Quality benchmark: held-out perplexity of bf16, round-to-nearest, SignRound and auto-round.
+"""Quality benchmark: held-out perplexity of bf16, round-to-nearest, SignRound and the tools users pick instead.
 
     .venv/bin/python benchmarks/quality.py --out benchmarks/results/quality-cpu-demo.md
     .venv/bin/python benchmarks/quality.py --no-autoround          # without the auto-round columns
+    .venv/bin/python benchmarks/quality.py --anchors autoround-ext gptq awq   # more tools side by side
 
 For each setting the model is quantized by round-to-nearest (in process), by this project's
-SignRound (`signround quantize`, a subprocess) and by PyPI auto-round (a subprocess in its own
-virtual environment, `.cache/autoround-venv`, created on first use; auto-round is not a
-dependency of the project). Both tuners get identical iterations, batch size, seed and the very
-same calibration windows; they run one after the other, in alternating order, so slow phases of
-a shared machine hit both. Perplexity is measured as vLLM serves each result (prompt
-log-probabilities, `benchmarks/served_perplexity.py`: this project's checkpoints through the plugin,
-auto-round's fake-quantized weights as a bf16 copy, since the plugin does not load its format) and,
-as a check, with transformers on the dequantized weights (`--no-served`: transformers only), on
-three held-out texts that no tuner sees: Wikipedia articles of the evaluation split (in domain),
-Australian news articles and the documentation strings of Python standard-library modules (out of
-domain). `mixed<bits>` settings choose per-layer bits with `--avg-bits` (SignRound and
-round-to-nearest only). Prints a markdown report with the machine and the command, and writes it
-to --out.
+SignRound (`signround quantize`, a subprocess) and by each other tool (a subprocess in the tool's
+own virtual environment under `.cache`, created on first use; none is a dependency of the project):
+PyPI auto-round (default on), auto-round with `enable_alg_ext`, llm-compressor's GPTQ and AWQ.
+Every tool gets the very same calibration windows and seed, and the tuners the same iterations and
+batch size; they run one after the other, in alternating order, so slow phases of a shared machine
+hit all. Perplexity is measured as vLLM serves each result (prompt log-probabilities,
+`benchmarks/served_perplexity.py`: this project's checkpoints through the plugin, the other tools'
+fake-quantized weights as a bf16 copy, since the plugin does not load their formats) and, as a check,
+with transformers on the same weights (`--no-served`: transformers only), on three held-out texts
+that no tool sees: Wikipedia articles of the evaluation split (in domain), Australian news articles
+and the documentation strings of Python standard-library modules (out of domain). `mixed<bits>`
+settings choose per-layer bits with `--avg-bits` (SignRound and round-to-nearest only). `--resume`
+reuses runs an earlier call finished. Prints a markdown report with the machine and the command, and
+writes it to --out.
 """
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ def ensure_venv(venv: Path, pins: tuple[str, ...]) -> Path:
     return python
 
 
-def ensure_autoround_venv() -> Path:
+def ensure_autoround_venv() -> Path:  # also used by benchmarks/scale.py
     return ensure_venv(AUTOROUND_VENV, AUTOROUND_PINS)
 
 
