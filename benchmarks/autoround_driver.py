@@ -59,7 +59,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "weights.safetensors"))
-    run = {"tool": f"auto-round {auto_round.__version__}" + (" enable_alg_ext" if args.alg_ext else ""), "torch": torch.__version__,
+    tool = f"auto-round {auto_round.__version__}" + (" enable_alg_ext" if args.alg_ext else "")
+    run = {"tool": tool, "torch": torch.__version__,
            "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
            "n_samples": n_samples, "seq_len": seq_len, "batch_size": args.batch_size, "seed": args.seed,

@@ -83,7 +83,9 @@ def main() -> int:
                 quantized += 1
         for key, tensor in model.state_dict().items():
             last = key.rsplit(".", 1)[-1]
-            if key in state or last.startswith(("weight_scale", "weight_zero_point", "weight_g_idx", "input_", "output_")):
+            quantization_param = last.startswith(("weight_scale", "weight_zero_point", "weight_g_idx", "input_",
+                                                  "output_"))
+            if key in state or quantization_param:
                 continue
             if key == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue

@@ -23,11 +23,13 @@ writes it to --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -48,12 +50,26 @@ AUTOROUND_VENV = REPO / ".cache" / "autoround-venv"
 AUTOROUND_PINS = ("auto-round==0.16.1", "transformers==5.19.0", "accelerate==1.15.0", "safetensors")
 LLMCOMPRESSOR_VENV = REPO / ".cache" / "llmcompressor-venv"
 LLMCOMPRESSOR_PINS = ("llmcompressor==0.14.0.1", "transformers==5.17.0")  # it asks for transformers <= 5.17
-# Tools other than SignRound, each in its own venv: key -> (label, venv, pins, driver script, driver arguments).
+
+
+class Anchor(NamedTuple):
+    """A tool other than SignRound, run by a driver script in its own venv."""
+    label: str
+    venv: Path
+    pins: tuple[str, ...]
+    driver: str  # in benchmarks/
+    args: tuple[str, ...]  # given to the driver besides the shared ones
+    tunes: bool  # takes --iters and --batch-size (a tuner, not a one-shot method)
+
+
 ANCHORS = {
-    "autoround": ("auto-round", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", []),
-    "autoround-ext": ("auto-round alg-ext", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", ["--alg-ext"]),
-    "gptq": ("GPTQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py", ["--algorithm", "gptq"]),
-    "awq": ("AWQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py", ["--algorithm", "awq"]),
+    "autoround": Anchor("auto-round", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", (), True),
+    "autoround-ext": Anchor("auto-round alg-ext", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py",
+                            ("--alg-ext",), True),
+    "gptq": Anchor("GPTQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py",
+                   ("--algorithm", "gptq"), False),
+    "awq": Anchor("AWQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py",
+                  ("--algorithm", "awq"), False),
 }
 SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpec(4, 64, True),
             "W3G64asym": LayerQuantSpec(3, 64, False), "W3G32sym": LayerQuantSpec(3, 32, True),
@@ -122,8 +138,8 @@ def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.T
 
 def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float, resume: bool) -> dict:
     """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess).
-    With `resume`, the results of an earlier call for the same folders are reused."""
-    out = work / f"served-{tag}.json"
+    With `resume`, the results of an earlier call for the same folders on the same windows are reused."""
+    out = work / f"served-{tag}-{windows_digest(torch.load(windows_file))}.json"
     earlier = benchlib.read_json(out) if resume else None
     if earlier is not None and all(str(folder) in earlier for folder in models.values()):
         log(f"reusing the served perplexities in {out} (--resume)")
@@ -134,6 +150,15 @@ def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float
     run_logged(cmd, work / "logs" / f"served-{tag}.log", timeout=timeout)
     results = json.loads(out.read_text())
     return {key: results[str(folder)] for key, folder in models.items()}
+
+
+def windows_digest(windows: dict) -> str:
+    """A short fingerprint of the evaluation windows (names and tokens), so results on other windows are not reused."""
+    digest = hashlib.sha256()
+    for name, tokens in windows.items():
+        digest.update(name.encode())
+        digest.update(tokens.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def save_bf16_copy(model, folder: Path) -> Path:
@@ -228,7 +253,7 @@ def main(argv=None) -> int:
     t_start, loads = time.perf_counter(), benchlib.LoadWatch()
     model_dir = prepare_default_model(progress=log)
     anchors = (["autoround"] if args.autoround else []) + args.anchors
-    anchor_python = {key: ensure_venv(ANCHORS[key][1], ANCHORS[key][2]) for key in anchors}
+    anchor_python = {key: ensure_venv(ANCHORS[key].venv, ANCHORS[key].pins) for key in anchors}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -280,13 +305,13 @@ def main(argv=None) -> int:
                 "--stream-dtype", args.stream_dtype, *args.signround_args.split()],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             for key in ([] if mixed else anchors):
-                label, _, _, driver, extra = ANCHORS[key]
-                out_dir = work / f"{key}-{tag}"
-                tuning = (["--iters", str(iters), "--batch-size", str(batch)] if driver == "autoround_driver.py" else [])
-                tools[key] = (label, [
-                    str(anchor_python[key]), str(REPO / "benchmarks" / driver), str(model_dir), *extra,
+                anchor, out_dir = ANCHORS[key], work / f"{key}-{tag}"
+                tuning = ["--iters", str(iters), "--batch-size", str(batch)] if anchor.tunes else []
+                tools[key] = (anchor.label, [
+                    str(anchor_python[key]), str(REPO / "benchmarks" / anchor.driver), str(model_dir), *anchor.args,
                     "--out", str(out_dir), "--calibration", str(calib_file), "--bits", str(spec.bits),
-                    "--group-size", str(spec.group_size), *tuning, "--seed", str(seed), *(["--sym"] if spec.sym else [])],
+                    "--group-size", str(spec.group_size), *tuning, "--seed", str(seed),
+                    *(["--sym"] if spec.sym else [])],
                     out_dir / "run.json",
                     lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
@@ -348,7 +373,7 @@ def _ppl(row: dict, key: str, text: str, served: bool):
 
 def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seconds) -> str:
     anchors = [k for k in ANCHORS if any(k in r for r in rows)]
-    labels = {"sr": "SignRound", **{k: ANCHORS[k][0] for k in anchors}}
+    labels = {"sr": "SignRound", **{k: ANCHORS[k].label for k in anchors}}
     tools = {k: next(r[f"{k}_run"]["tool"] for r in rows if f"{k}_run" in r) for k in anchors}
     command = " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:]))
     fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
@@ -420,8 +445,8 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
     ratio = lambda x, y: f"{x / y:.2f}" if x is not None and y else "-"  # noqa: E731
     for name in names:
         group = [r for r in rows if r["name"] == name]
-        cost = {k: {m: _mean([r.get(f"{k}_run", {}).get(m) for r in group]) for m in ("seconds", "wall", "peak_rss_bytes")}
-                for k in labels}
+        cost = {k: {m: _mean([r.get(f"{k}_run", {}).get(m) for r in group])
+                    for m in ("seconds", "wall", "peak_rss_bytes")} for k in labels}
         for k, label in labels.items():
             c, sr = cost[k], cost["sr"]
             if c["seconds"] is None:
