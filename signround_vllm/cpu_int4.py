@@ -10,7 +10,7 @@ w = (q - zero) * scale is held as offset = (8 - zero) * scale. Per call, by the 
   M >  threshold          the same packed weights dequantized tile by tile (a few MiB at a time)
                            into a bf16/fp16 GEMM, which is compute-bound there
 
-The threshold (`INT4PACK_MAX_ROWS`, by torch threads) comes from the table
+The threshold (`INT4PACK_MAX_ROWS`, by kind of CPU and torch threads) comes from the table
 `benchmarks/cpu_kernel_table.py` prints (benchmarks/results/cpu-kernel-table*.md) and lives only here.
 
 Numerics. The kernel takes the table in the activation dtype, so with bf16 activations the fp16
@@ -43,29 +43,56 @@ ACT_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 64  # the layout stores output columns in blocks of 64 (a tail of N % 64 columns apart)
 TILE_BYTES = 4 << 20  # dequantized tile size for the GEMM path
 
-# Largest batch rows M for which the int4-pack kernel beats dequantized tiles + GEMM, by the torch
-# threads of the process (the kernel is compute-bound where bf16 GEMMs are bandwidth-bound, so
-# the crossover moves with threads). Measured by `python benchmarks/cpu_kernel_table.py --threads T`
-# on a 2-core AMD EPYC (Zen 4), torch 2.13 CPU, bf16, group 128, at Llama-3.2-1B's layer shapes
-# (benchmarks/results/cpu-kernel-table*.md). vLLM's CPU worker there runs on 1 thread (it reserves
-# one of the two cores). Re-measure on a different machine and change it here only.
-INT4PACK_MAX_ROWS = {1: 32, 2: 96}
+# Largest batch rows M for which the int4-pack kernel beats dequantized tiles + GEMM, by kind of CPU and
+# torch threads of the process (the kernel is compute-bound where bf16 GEMMs are bandwidth-bound, so the
+# crossover moves with threads and with the GEMM's speed). Measured by
+# `python benchmarks/cpu_kernel_table.py --threads T` with torch 2.13 CPU, bf16, group 128, at
+# Llama-3.2-1B's layer shapes (benchmarks/results/cpu-kernel-table*.md): "avx512" on a 2-core AMD EPYC
+# (Zen 4), "amx" on a 2-core Xeon with AMX (bf16 GEMMs on AMX tiles are much faster there, so the tiles
+# win from fewer rows on). vLLM's CPU worker runs on 1 thread on such machines (it reserves one of the
+# two cores). Re-measure on a different machine and change it here only.
+INT4PACK_MAX_ROWS = {"avx512": {1: 32, 2: 96}, "amx": {1: 16}}
+
+
+def cpu_kind() -> str:
+    """The row of INT4PACK_MAX_ROWS for this CPU."""
+    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512"
 
 
 def int4pack_kernel_usable() -> tuple[bool, str | None]:
-    """Whether the int4-pack kernel may run inside vLLM here. On CPUs with AMX tiles it is not: PyTorch's
-    kernel leaves the tile registers released, and vLLM's AMX prefill attention, which keeps its tile
-    configuration between calls, then faults (the worker dies with SIGILL; seen with torch 2.13 and
-    vLLM 0.32 on a Xeon with AMX, for any batch size). There the layers use the tile path only."""
-    if torch.cpu._is_amx_tile_supported():
-        return False, "this CPU has AMX, where the int4-pack kernel breaks vLLM's AMX attention (SIGILL)"
+    """Whether the int4-pack kernel may run inside vLLM here. On CPUs with AMX the process must first be
+    allowed the AMX tile state (Linux grants it per process on request): vLLM's AMX attention uses tiles
+    without asking, relying on oneDNN, which asks on its first AMX GEMM. When the int4-pack kernel serves
+    every small batch, no oneDNN GEMM may run before the first attention call, and the worker died with
+    SIGILL (seen with torch 2.13 and vLLM 0.32 on a Xeon with AMX, a tiny Llama). So the permission is
+    requested here, once; if the kernel refuses it, the layers use the tile path only."""
+    if torch.cpu._is_amx_tile_supported() and not request_amx_tile_permission():
+        return False, "this CPU has AMX but the process was not allowed the AMX tile state (arch_prctl refused)"
     return True, None
 
 
-def max_rows_for(threads: int) -> int:
-    """The threshold measured at the largest thread count <= threads (the smallest one below it)."""
-    measured = sorted(INT4PACK_MAX_ROWS)
-    return INT4PACK_MAX_ROWS[max([t for t in measured if t <= threads] or measured[:1])]
+@functools.cache
+def request_amx_tile_permission() -> bool:
+    """Ask Linux for the AMX tile data state for this process (ARCH_REQ_XCOMP_PERM); True if granted."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def max_rows_for(threads: int, kind: str | None = None) -> int:
+    """The threshold for this kind of CPU (default: this one) measured at the largest thread count <= threads
+    (the smallest measured one below that)."""
+    table = INT4PACK_MAX_ROWS[kind or cpu_kind()]
+    measured = sorted(table)
+    return table[max([t for t in measured if t <= threads] or measured[:1])]
 
 
 def kernel_group_size(spec: LayerQuantSpec, in_features: int) -> int | None:
@@ -139,13 +166,17 @@ def _blocks(w: Int4PackWeights, k: int) -> torch.Tensor:
 def _dequantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
     """W^T [K, nb * 64] in `dtype` from blocks uint8 [nb, K, 32] and their scales and offsets
-    [G, nb * 64] (contiguous: inductor vectorizes the loop only then); each weight computed in
-    float32 and rounded once."""
+    [G, nb * 64] (contiguous); each weight computed in float32 and rounded once. The low and high
+    nibbles are dequantized separately and only then interleaved: inductor then compiles one loop
+    with no integer temporary (3-4x faster than splitting the nibbles first)."""
     nb, k, _ = blocks.shape
     groups = scale.shape[0]
-    q = torch.cat([blocks & 15, blocks >> 4], dim=-1).permute(1, 0, 2).reshape(groups, k // groups, nb * BLOCK_N)
-    w = (q.to(torch.float32) - 8) * scale[:, None, :].to(torch.float32) + offset[:, None, :].to(torch.float32)
-    return w.reshape(k, nb * BLOCK_N).to(dtype)
+    scale = scale.to(torch.float32).view(groups, 1, nb, 2, BLOCK_N // 2)
+    offset = offset.to(torch.float32).view(groups, 1, nb, 2, BLOCK_N // 2)
+    b = blocks.permute(1, 0, 2).reshape(groups, k // groups, nb, BLOCK_N // 2)
+    low = ((b & 15).to(torch.float32) - 8) * scale[..., 0, :] + offset[..., 0, :]
+    high = ((b >> 4).to(torch.float32) - 8) * scale[..., 1, :] + offset[..., 1, :]
+    return torch.stack([low.to(dtype), high.to(dtype)], dim=3).reshape(k, nb * BLOCK_N)
 
 
 @functools.cache

@@ -179,8 +179,11 @@ class VllmMixedPrecision:
         self.kernel = self.kernel_class(self._mp_config(self.g), w_q_param_name="weight_packed",
                                         w_s_param_name="weight_scale", w_zp_param_name="weight_zero_point")
         if self.g.device.type == "cpu" and not cpu_w4a8(self.g.act_dtype):
-            with _hide_amx_from_w4a8_choice():
+            with _w4a8_off():
                 self.kernel.process_weights_after_loading(layer)
+            if getattr(layer, "use_w4a8", False):
+                raise RuntimeError(f"{self.g.name}: vLLM's CPUWNA16 chose W4A8 although it was turned off; "
+                                   f"this vLLM version reads the setting in a way the plugin does not know")
         else:
             self.kernel.process_weights_after_loading(layer)
 
@@ -204,15 +207,24 @@ def cpu_w4a8(act_dtype: torch.dtype) -> bool:
 
 
 @contextlib.contextmanager
-def _hide_amx_from_w4a8_choice():
-    """CPUWNA16 decides W4A8 once, while preparing a layer, from AMX support (and its setting); hiding AMX
-    from that one decision prepares the layer for its W4A16 path, whose GEMM still uses AMX."""
-    real = torch.cpu._is_amx_tile_supported
-    torch.cpu._is_amx_tile_supported = lambda: False
+def _w4a8_off():
+    """CPUWNA16 reads vLLM's W4A8 setting once, while preparing a layer. Setting it as an attribute of
+    `vllm.envs` (which wins over that module's lazy lookup, cached or not) prepares the layer for the W4A16
+    path with the ISA it would otherwise pick (AMX tiles where the CPU has them). An earlier version hid
+    AMX from the whole preparation instead, and so also sent W4A16 to its AVX-512 micro-kernel: 0.2x a
+    bf16 GEMM at 64 rows on an AMX Xeon instead of about 1x."""
+    import vllm.envs as envs
+
+    had = "VLLM_CPU_INT4_W4A8" in vars(envs)
+    saved = vars(envs).get("VLLM_CPU_INT4_W4A8")
+    envs.VLLM_CPU_INT4_W4A8 = False
     try:
         yield
     finally:
-        torch.cpu._is_amx_tile_supported = real
+        if had:
+            envs.VLLM_CPU_INT4_W4A8 = saved
+        else:
+            del envs.VLLM_CPU_INT4_W4A8
 
 
 class VllmMixedPrecisionIn4Bits(VllmMixedPrecision):
@@ -352,6 +364,9 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
         names = (forced,)
     else:
         names = order or default_order(g.device.type)
+    if g.device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        # vLLM's AMX kernels (CPUWNA16's W4A16 GEMM, attention) use tiles without asking Linux for them
+        cpu_int4.request_amx_tile_permission()
     reasons = []
     for name in names:
         cls = CANDIDATES[name]

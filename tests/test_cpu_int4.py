@@ -110,7 +110,9 @@ def test_what_the_kernel_cannot_hold_is_named():
     assert cpu_int4.layout_understood()
 
 
-def test_threshold_follows_the_threads_it_was_measured_with():
-    table = cpu_int4.INT4PACK_MAX_ROWS
-    assert cpu_int4.max_rows_for(1) == table[1] and cpu_int4.max_rows_for(2) == table[2]
-    assert cpu_int4.max_rows_for(64) == table[max(table)]  # beyond the table: the largest measured
+def test_threshold_follows_the_cpu_and_threads_it_was_measured_with():
+    table = cpu_int4.INT4PACK_MAX_ROWS["avx512"]
+    assert cpu_int4.max_rows_for(1, "avx512") == table[1] and cpu_int4.max_rows_for(2, "avx512") == table[2]
+    assert cpu_int4.max_rows_for(64, "avx512") == table[max(table)]  # beyond the table: the largest measured
+    assert cpu_int4.max_rows_for(2, "amx") == cpu_int4.INT4PACK_MAX_ROWS["amx"][1]
+    assert cpu_int4.max_rows_for(1) == cpu_int4.INT4PACK_MAX_ROWS[cpu_int4.cpu_kind()][1]

@@ -21,17 +21,52 @@ def test_cpu_layers_up_to_4_bits_use_the_int4_pack_kernel(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("bits,name", [(4, "vllm"), (2, "vllm_4bit")])
-def test_on_amx_cpus_vllms_kernel_leads_and_the_int4_pack_kernel_stays_off(bits, name, monkeypatch):
-    """vLLM's CPUWNA16 leads on AMX (W4A16; W4A8 only when VLLM_CPU_INT4_W4A8=1 is set); PyTorch's int4-pack
-    kernel releases the AMX tiles that vLLM's AMX attention keeps configured, so cpu_int4 uses tiles only."""
+def test_on_amx_cpus_vllms_kernel_leads_and_the_int4_pack_kernel_is_forced(bits, name, monkeypatch):
+    """vLLM's CPUWNA16 leads on AMX (W4A16; W4A8 only when VLLM_CPU_INT4_W4A8=1 is set); cpu_int4 runs the
+    int4-pack kernel there when forced, with AMX's own row threshold, once the process holds the AMX tile
+    state, and only the tile path if Linux refuses it."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
     kernel = kernels.choose_kernel(geometry(bits))
     assert kernel.name == name and kernel.describe() == "CPUWNA16LinearKernel"
     monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "1")
     assert kernels.choose_kernel(geometry(bits)).describe().startswith("CPUWNA16LinearKernel, W4A8")
+    monkeypatch.setattr(kernels.cpu_int4, "request_amx_tile_permission", lambda: True)
     kernel = kernels.choose_kernel(geometry(4), forced="cpu_int4")
-    assert kernel.max_rows == 0 and "int4-pack kernel off: this CPU has AMX" in kernel.describe()
+    assert kernel.max_rows == kernels.cpu_int4.max_rows_for(torch.get_num_threads(), "amx") > 0
+    monkeypatch.setattr(kernels.cpu_int4, "request_amx_tile_permission", lambda: False)
+    kernel = kernels.choose_kernel(geometry(4), forced="cpu_int4")
+    assert kernel.max_rows == 0 and "not allowed the AMX tile state" in kernel.describe()
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="needs a CPU with AMX")
+def test_amx_w4a16_layers_keep_the_amx_isa_and_the_process_holds_the_tile_state(monkeypatch):
+    """Turning W4A8 off must not also turn AMX off for CPUWNA16's W4A16 GEMM (that ran 0.2x a bf16 GEMM at
+    64 rows); and the process must hold the AMX tile state before any AMX kernel runs (else SIGILL)."""
+    from signround_vllm.format import pack_linear
+
+    monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
+    spec = LayerQuantSpec(4, 32, False)
+    g = kernels.LayerGeometry("l", spec, 256, 128, torch.bfloat16, torch.device("cpu"))
+    kernel = kernels.choose_kernel(g)
+    assert kernels.cpu_int4.request_amx_tile_permission()
+    gen = torch.Generator().manual_seed(0)
+    packed = pack_linear(torch.randint(0, 16, (128, 256), generator=gen), torch.rand(128, 8, generator=gen) * 0.01,
+                         torch.randint(0, 16, (128, 8), generator=gen), spec)
+    import vllm.model_executor.parameter as parameter
+
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    layer = torch.nn.Module()
+    for pname, t in packed.tensors("").items():
+        layer.register_parameter(pname.lstrip("."), torch.nn.Parameter(t.clone(), requires_grad=False))
+    kernel.prepare(layer)
+    assert layer.isa_hint == "amx" and not layer.use_w4a8
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    from signround_vllm.format import dequantize_packed
+
+    ref = x.float() @ dequantize_packed(packed).t()
+    assert ((kernel.apply(layer, x).float() - ref).abs().max() / ref.abs().max()).item() < 2 ** -6
 
 
 def test_cpu_layers_the_int4_pack_kernel_cannot_hold_go_to_vllms_kernel(monkeypatch):
