@@ -6,9 +6,11 @@ The weights are held once, in the layout of `torch.ops.aten._weight_int4pack_mm_
 w = (q - zero) * scale is held as offset = (8 - zero) * scale. Per call, by the batch rows M:
 
   M <= threshold          the int4-pack kernel (reads 4 bits per weight: 3-5x faster than a
-                           bf16 GEMM at M = 1 on a 2-core Zen 4, slower from M = 16 on)
+                           bf16 GEMM at M = 1 on a 2-core Zen 4, 2.8x on a Xeon with AMX; slower
+                           than bf16 from M = 8 to 16 on)
   M >  threshold          the same packed weights dequantized tile by tile (a few MiB at a time)
-                           into a bf16/fp16 GEMM, which is compute-bound there
+                           into a bf16/fp16 GEMM, which is compute-bound there (on AMX, where bf16
+                           GEMMs are fast, 0.3-0.55x of bf16: the dequantization dominates)
 
 The threshold (`INT4PACK_MAX_ROWS`, by kind of CPU and torch threads) comes from the table
 `benchmarks/cpu_kernel_table.py` prints (benchmarks/results/cpu-kernel-table*.md) and lives only here.

@@ -201,7 +201,7 @@ def cpu_w4a8(act_dtype: torch.dtype) -> bool:
     is opt-in: only when VLLM_CPU_INT4_W4A8=1 is set. By default they run W4A16, the dequantized weights
     within bf16 rounding: on SmolLM2-135M W4G64, W4A8 served a perplexity 2.7% above the dequantized
     weights' (tests/test_real_model.py), while W4A16 runs at about bf16's speed on an AMX Xeon
-    (benchmarks/results/cpu-kernel-table-amx-1-thread-w4a16.md)."""
+    (benchmarks/results/cpu-kernel-table-amx-1-thread-v2.md)."""
     return (torch.cpu._is_amx_tile_supported() and act_dtype == torch.bfloat16
             and os.environ.get(W4A8_SETTING) == "1")
 
@@ -324,10 +324,10 @@ CANDIDATES = {cls.name: cls for cls in (VllmMixedPrecision, TritonDequantGemm, V
 # when Humming is absent, since it reads 2 or 3 bits per weight where containers read 4. On CPU,
 # the int4-pack path leads (measured on a 2-core Zen 4: 3-5x a bf16 GEMM at batch 1 where vLLM's
 # CPUWNA16 kernel was at par, and no slower than CPUWNA16 at larger batches: see cpu_int4);
-# vLLM's kernel takes the layers it cannot hold. On CPUs with AMX the int4-pack kernel may not run
-# (see cpu_int4.int4pack_kernel_usable) and vLLM's CPUWNA16 leads: W4A16 by default, about a bf16
-# GEMM's speed (0.9-1.06x per block at M = 1 to 64; ...-w4a16.md) where the tiles of cpu_int4 run 0.14-0.22x; W4A8
-# when opted in (cpu_w4a8), 3.9x at M = 1 (benchmarks/results/cpu-kernel-table-amx-1-thread.md).
+# vLLM's kernel takes the layers it cannot hold. On CPUs with AMX, bf16 GEMMs run on AMX tiles and
+# vLLM's CPUWNA16 leads: W4A16 by default, about a bf16 GEMM's speed at every batch size, where the tiles
+# of cpu_int4 run 0.3-0.55x from 16 rows on; cpu_int4 (forced) is 2.8x bf16 per block at M = 1 there, for
+# batch-1 latency; W4A8 when opted in (cpu_w4a8), 3.9x at M = 1 (benchmarks/results/cpu-kernel-table-amx*.md).
 ORDER = {"cuda": ("vllm", "triton", "vllm_4bit", "dense"), "cpu": ("cpu_int4", "vllm", "vllm_4bit", "dense"),
          "cpu_amx": ("vllm", "vllm_4bit", "cpu_int4", "dense")}
 FORCE_SETTING = "SIGNROUND_KERNEL"

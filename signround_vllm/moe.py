@@ -29,6 +29,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightSc
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.utils import set_weight_attrs
 
+from signround_vllm import cpu_int4
 from signround_vllm.format import (
     QWEIGHT, QZEROS, SCALES, LayerQuantSpec, PackedLinear, SignRoundConfig, SignRoundFormatError,
     dequantize_packed, pack_int_weights, packed_tensor_specs, unpack_int_weights,
@@ -169,6 +170,8 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
     def _choose_kernel(self, forced: str | None) -> str:
         from vllm.platforms import current_platform
 
+        if current_platform.device_type == "cpu" and torch.cpu._is_amx_tile_supported():
+            cpu_int4.request_amx_tile_permission()  # vLLM's AMX kernels use the tiles without asking
         reasons = []
         names = (forced,) if forced in MOE_KERNELS else MOE_ORDER.get(current_platform.device_type, ("dense",))
         for name in names:
