@@ -67,7 +67,7 @@ def int4pack_kernel_usable() -> tuple[bool, str | None]:
     without asking, relying on oneDNN, which asks on its first AMX GEMM. When the int4-pack kernel serves
     every small batch, no oneDNN GEMM may run before the first attention call, and the worker died with
     SIGILL (seen with torch 2.13 and vLLM 0.32 on a Xeon with AMX, a tiny Llama). So the permission is
-    requested here, once; if the kernel refuses it, the layers use the tile path only."""
+    requested here, once; if Linux refuses it, the layers use the tile path only."""
     if torch.cpu._is_amx_tile_supported() and not request_amx_tile_permission():
         return False, "this CPU has AMX but the process was not allowed the AMX tile state (arch_prctl refused)"
     return True, None
