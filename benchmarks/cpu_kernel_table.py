@@ -60,20 +60,29 @@ def layer_shapes(key: str) -> list[tuple[str, int, int]]:
     return [("qkv", h, h + 2 * kv), ("o", h, h), ("gate_up", h, 2 * i), ("down", i, h)]
 
 
-def vllm_kernel(packed, spec, k, n):
-    """vLLM's CPUWNA16 for this layer, through our `vllm` candidate (outside an engine)."""
+def prepared_vllm_layer(packed, spec, k, n):
+    """Our `vllm` candidate prepared on one layer outside an engine: (kernel, layer)."""
+    from unittest import mock
+
     import vllm.model_executor.parameter as parameter
 
     from signround_vllm.kernels import CANDIDATES, LayerGeometry
 
-    parameter.get_tensor_model_parallel_rank = lambda: 0  # one rank, no process group outside an engine
-    parameter.get_tensor_model_parallel_world_size = lambda: 1
     layer = torch.nn.Module()
     for name, t in packed.tensors("").items():
         layer.register_parameter(name.lstrip("."), torch.nn.Parameter(t.clone(), requires_grad=False))
     layer.bias = None
     kernel = CANDIDATES["vllm"](LayerGeometry("bench", spec, k, n, torch.bfloat16, torch.device("cpu")))
-    kernel.prepare(layer)
+    # one rank: there is no process group outside an engine
+    with mock.patch.object(parameter, "get_tensor_model_parallel_rank", lambda: 0), \
+            mock.patch.object(parameter, "get_tensor_model_parallel_world_size", lambda: 1):
+        kernel.prepare(layer)
+    return kernel, layer
+
+
+def vllm_kernel(packed, spec, k, n):
+    """vLLM's CPUWNA16 for this layer, through our `vllm` candidate (outside an engine)."""
+    kernel, layer = prepared_vllm_layer(packed, spec, k, n)
     return lambda x: kernel.apply(layer, x)
 
 

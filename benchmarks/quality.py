@@ -136,10 +136,12 @@ def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.T
     return torch.tensor(spans, dtype=torch.long)
 
 
-def serve(models: dict, windows_file: Path, work: Path, tag: str, timeout: float, resume: bool) -> dict:
+def serve(models: dict, windows_file: Path, windows_id: str, work: Path, tag: str, timeout: float,
+          resume: bool) -> dict:
     """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess).
-    With `resume`, the results of an earlier call for the same folders on the same windows are reused."""
-    out = work / f"served-{tag}-{windows_digest(torch.load(windows_file))}.json"
+    With `resume`, the results of an earlier call for the same folders on the same windows (`windows_id`,
+    their `windows_digest`) are reused."""
+    out = work / f"served-{tag}-{windows_id}.json"
     earlier = benchlib.read_json(out) if resume else None
     if earlier is not None and all(str(folder) in earlier for folder in models.values()):
         log(f"reusing the served perplexities in {out} (--resume)")
@@ -267,13 +269,14 @@ def main(argv=None) -> int:
         windows = {"wiki-sel": unused_windows(calibration_ids, calib, args.seeds, args.eval_windows, args.eval_seq_len),
                    "docs-sel": token_windows(tokenizer, python_docs_text(SELECTION_DOC_MODULES), args.eval_windows,
                                              args.eval_seq_len, None)}
-    windows_file = work / "eval-windows.pt"
+    windows_file, windows_id = work / "eval-windows.pt", windows_digest(windows)
     torch.save(windows, windows_file)
     model = load_causal_lm(model_dir, torch.bfloat16)
     model.base_state = {k: v.clone() for k, v in model.state_dict().items()}
     base = perplexities(model, windows)
     log(f"bf16: {base}")
-    served_base = (serve({"bf16": model_dir}, windows_file, work, "bf16", args.timeout, args.resume)["bf16"]
+    served_base = (serve({"bf16": model_dir}, windows_file, windows_id, work, "bf16", args.timeout,
+                         args.resume)["bf16"]
                    if args.served else None)
     rows, turn = [], 0
     for name in args.settings:
@@ -340,8 +343,8 @@ def main(argv=None) -> int:
             turn += 1
             setting_rows.append(row)
         if args.served:
-            served = serve({f"{k}-{s}": folder for (k, s), folder in to_serve.items()}, windows_file, work, name,
-                           args.timeout, args.resume)
+            served = serve({f"{k}-{s}": folder for (k, s), folder in to_serve.items()}, windows_file, windows_id,
+                           work, name, args.timeout, args.resume)
             for row in setting_rows:
                 row["served"] = {k: served[f"{k}-{s}"] for (k, s) in to_serve if s in (None, row["seed"])}
                 log(f"{name}-seed{row['seed']} served: "

@@ -73,9 +73,15 @@ def int4pack_kernel_usable() -> tuple[bool, str | None]:
     return True, None
 
 
-@functools.cache
 def request_amx_tile_permission() -> bool:
-    """Ask Linux for the AMX tile data state for this process (ARCH_REQ_XCOMP_PERM); True if granted."""
+    """On a CPU with AMX, make sure this process holds the AMX tile data state; True if it does (False
+    without AMX)."""
+    return torch.cpu._is_amx_tile_supported() and _ask_linux_for_amx_tiles()
+
+
+@functools.cache
+def _ask_linux_for_amx_tiles() -> bool:
+    """ARCH_REQ_XCOMP_PERM for the tile data state, once per process; True if granted."""
     import ctypes
     import platform
 

@@ -364,7 +364,7 @@ def choose_kernel(g: LayerGeometry, forced: str | None = None, order: tuple[str,
         names = (forced,)
     else:
         names = order or default_order(g.device.type)
-    if g.device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+    if g.device.type == "cpu":
         # vLLM's AMX kernels (CPUWNA16's W4A16 GEMM, attention) use tiles without asking Linux for them
         cpu_int4.request_amx_tile_permission()
     reasons = []

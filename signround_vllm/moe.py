@@ -170,7 +170,7 @@ class SignRoundMoEMethod(UnquantizedFusedMoEMethod):
     def _choose_kernel(self, forced: str | None) -> str:
         from vllm.platforms import current_platform
 
-        if current_platform.device_type == "cpu" and torch.cpu._is_amx_tile_supported():
+        if current_platform.device_type == "cpu":
             cpu_int4.request_amx_tile_permission()  # vLLM's AMX kernels use the tiles without asking
         reasons = []
         names = (forced,) if forced in MOE_KERNELS else MOE_ORDER.get(current_platform.device_type, ("dense",))

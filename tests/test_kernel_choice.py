@@ -43,28 +43,20 @@ def test_on_amx_cpus_vllms_kernel_leads_and_the_int4_pack_kernel_is_forced(bits,
 def test_amx_w4a16_layers_keep_the_amx_isa_and_the_process_holds_the_tile_state(monkeypatch):
     """Turning W4A8 off must not also turn AMX off for CPUWNA16's W4A16 GEMM (that ran 0.2x a bf16 GEMM at
     64 rows); and the process must hold the AMX tile state before any AMX kernel runs (else SIGILL)."""
-    from signround_vllm.format import pack_linear
+    from benchmarks.cpu_kernel_table import prepared_vllm_layer
+    from signround_vllm.format import dequantize_packed, pack_linear
 
     monkeypatch.delenv("VLLM_CPU_INT4_W4A8", raising=False)
     spec = LayerQuantSpec(4, 32, False)
     g = kernels.LayerGeometry("l", spec, 256, 128, torch.bfloat16, torch.device("cpu"))
-    kernel = kernels.choose_kernel(g)
+    assert kernels.choose_kernel(g).name == "vllm"
     assert kernels.cpu_int4.request_amx_tile_permission()
     gen = torch.Generator().manual_seed(0)
     packed = pack_linear(torch.randint(0, 16, (128, 256), generator=gen), torch.rand(128, 8, generator=gen) * 0.01,
                          torch.randint(0, 16, (128, 8), generator=gen), spec)
-    import vllm.model_executor.parameter as parameter
-
-    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
-    layer = torch.nn.Module()
-    for pname, t in packed.tensors("").items():
-        layer.register_parameter(pname.lstrip("."), torch.nn.Parameter(t.clone(), requires_grad=False))
-    kernel.prepare(layer)
+    kernel, layer = prepared_vllm_layer(packed, spec, 256, 128)
     assert layer.isa_hint == "amx" and not layer.use_w4a8
     x = torch.randn(64, 256).to(torch.bfloat16)
-    from signround_vllm.format import dequantize_packed
-
     ref = x.float() @ dequantize_packed(packed).t()
     assert ((kernel.apply(layer, x).float() - ref).abs().max() / ref.abs().max()).item() < 2 ** -6
 
