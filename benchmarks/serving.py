@@ -103,6 +103,7 @@ class Settings:
     forced_kernels: tuple[str, ...] = ()  # extra SignRound rows with $SIGNROUND_KERNEL set to each name
     signround_envs: tuple[str, ...] = ()  # extra SignRound rows with NAME=VALUE set (e.g. VLLM_CPU_INT4_W4A8=1)
     low_bits_perf: bool = False  # time the lower-bit SignRound checkpoints too (else weights and quality only)
+    quantize_lm_head: bool = False  # lm_head quantized too (stored apart from a tied embedding), in every format
     quality: bool = True  # held-out perplexity and completions (off for random-weight models)
 
     def check(self) -> None:
@@ -214,8 +215,9 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
         spec = LayerQuantSpec(bits, group_size, True)
         short = spec.short_name()
         main = bits == s.bits
+        folder = f"{short}-lm_head" if s.quantize_lm_head else short
         sr = Variant("signround" if main else f"signround-{short}", f"SignRound {short}", bits,
-                     ckpts / f"signround-{short}", "signround", perf=main or s.low_bits_perf)
+                     ckpts / f"signround-{folder}", "signround", perf=main or s.low_bits_perf)
         variants.append(sr)
         t0 = time.perf_counter()
         try:
@@ -223,7 +225,8 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
                 log(f"{short}: keeping {sr.ckpt} (--resume)")
             else:
                 log(f"quantizing {short} ({describe_recipe(s)}) -> {sr.ckpt}")
-                quantize_checkpoint(model_dir, sr.ckpt, SignRoundConfig(default=spec), tune=tune,
+                keep = {"modules_to_not_convert": ()} if s.quantize_lm_head else {}
+                quantize_checkpoint(model_dir, sr.ckpt, SignRoundConfig(default=spec, **keep), tune=tune,
                                     calibration=calibration, overwrite=True)
                 timings[f"quantize {short}"] = round(time.perf_counter() - t0, 1)
         except Exception as e:  # noqa: BLE001 - becomes a FAILED row
@@ -240,7 +243,7 @@ def build_variants(model_dir: Path, s: Settings, group_size: int, work: Path,
         refusals[bits] = {}
         for fmt in EXPORT_FORMATS:
             v = Variant(fmt if main else f"{fmt}-{short}", f"{fmt.upper()} {short}", bits,
-                        ckpts / f"{fmt}-{short}", None, perf=main or s.low_bits_perf)
+                        ckpts / f"{fmt}-{folder}", None, perf=main or s.low_bits_perf)
             if sr.ckpt is None:
                 v.fail("export", "no SignRound checkpoint to export (its quantization failed)")
                 variants.append(v)
@@ -599,7 +602,9 @@ def render_report(model_desc: str, s: Settings, group_why: str, variants: list[V
         f"Quantization: {s.bits}-bit symmetric, group size {info['group_size']}"
         + (f" ({group_why})" if group_why else "")
         + f"; {describe_recipe(s)}. GPTQ and AWQ are exports of the SignRound checkpoint: the same integers, "
-          "zero points (8) and scales. lm_head (tied to the embedding) stays bf16.",
+          "zero points (8) and scales. "
+        + ("lm_head is quantized too, rounded to nearest, in every format (stored apart from a tied embedding, "
+           "which stays bf16)." if s.quantize_lm_head else "lm_head (tied to the embedding) stays bf16."),
         f"vLLM: {'eager (--enforce-eager)' if s.enforce_eager else 'as shipped (torch.compile, no --enforce-eager; the quality-only rows of the bit-width table are served eager)'}, "
         f"--dtype bfloat16, --max-model-len {s.max_model_len}, VLLM_CPU_KVCACHE_SPACE={s.kv_cache_gib}, seed {s.seed} "
         f"everywhere (prompts of all formats are identical).",
@@ -873,6 +878,8 @@ def parse_args(argv):
                         "VLLM_CPU_INT4_W4A8=1: W4A8 linear layers on AMX, as vLLM's own methods run by default)")
     p.add_argument("--low-bits-perf", action="store_true", default=None,
                    help="time the lower-bit SignRound checkpoints too (latency, throughput, serving)")
+    p.add_argument("--quantize-lm-head", action="store_true", default=None,
+                   help="quantize lm_head too (round to nearest, same bits; GPTQ and AWQ exports carry it as well)")
     p.add_argument("--resume", action="store_true",
                    help="keep checkpoints and finished rounds of an earlier run with the same --work folder")
     p.add_argument("--name", help="output file prefix (default: serving, or serving-tiny)")

@@ -116,7 +116,10 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--calibration", metavar="FILE", help="calibration text: a .txt file, or .jsonl with a "
                    "\"text\" field per line (default: built-in Wikipedia calibration split)")
     p.add_argument("--keep-unquantized", nargs="*", default=["lm_head"], metavar="MODULE",
-                   help="modules left in full precision (default: lm_head)")
+                   help="modules left in full precision (default: lm_head). Given alone, nothing is kept: lm_head is "
+                        "quantized too, rounded to nearest (it lies outside the tuned blocks; a tied one is stored "
+                        "apart from the input embedding, which stays full precision); "
+                        "--layer-override lm_head:bits=8 gives it its own settings")
     p.add_argument("--layer-override", action="append", metavar="MODULE:key=value,...",
                    help="per-layer settings, e.g. model.layers.0.mlp.down_proj:bits=8 (repeatable)")
 

@@ -116,7 +116,7 @@ class ModelSource:
         tied = tied_parameter_names(model)
         for name in names:
             param = model.get_parameter(name)
-            value = self.read_param(name if name not in tied else _tied_source(model), model)
+            value = self.read_param(name if name not in tied else input_embedding_param(model), model)
             _set_parameter(model, name, value.to(param.dtype))
 
     def materialize_module(self, model: torch.nn.Module, module_name: str) -> torch.nn.Module:
@@ -163,7 +163,7 @@ def model_stored_layout(model) -> StoredLayout:
     return stored_layout(model, [n for n in model.state_dict() if n not in tied])
 
 
-def _tied_source(model) -> str:
+def input_embedding_param(model) -> str:
     emb = model.get_input_embeddings()
     return next(n + ".weight" for n, m in model.named_modules() if m is emb)
 

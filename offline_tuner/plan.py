@@ -14,8 +14,8 @@ import torch
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError
 from offline_tuner.architecture import DecoderBlocks, find_decoder_blocks
 from offline_tuner.errors import TunerInputError
-from offline_tuner.model_source import model_stored_layout
-from offline_tuner.stored_layout import StoredLayout, row_count
+from offline_tuner.model_source import input_embedding_param, model_stored_layout
+from offline_tuner.stored_layout import StoredLayout, StoredPiece, row_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,13 @@ class QuantPlan:
     blocks: DecoderBlocks | None  # None when the model's blocks were not needed (round-to-nearest)
     layout: StoredLayout  # where each in-memory parameter is stored
     routers: tuple[str, ...] = ()  # checkpoint module names of mixture-of-experts routers, kept unquantized
+    # A quantized output embedding that the source ties to the input embedding is stored apart from it:
+    # its stored name -> the stored tensor it is read from (the checkpoint then says tie_word_embeddings false).
+    untied: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def source_of(self, stored_name: str) -> str:
+        """The tensor of the source files that holds the stored tensor `stored_name`."""
+        return self.untied.get(stored_name, stored_name)
 
     def block_params(self, index: int) -> dict[str, tuple[LayerPlan, ...]]:
         """The quantized parameters of decoder block `index`, by name inside the block ("self_attn.q_proj.weight",
@@ -69,25 +76,33 @@ class QuantPlan:
 
 def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
                  layout: StoredLayout | None = None) -> QuantPlan:
-    """Decide every layer's spec and check that each can be stored and, when `tuning`, tuned.
+    """Decide every layer's spec and check that each can be stored; when `tuning`, find the decoder blocks
+    (layers outside them, such as a quantized lm_head, are rounded to nearest).
 
     `layout` (from ModelSource.check_names) says where each parameter is stored; computed when not given.
     """
     layout = layout or model_stored_layout(model)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied output embedding too
     linear_weights = _linear_weights(model)
     experts = _expert_parameters(model)
     routers = _routers(model, experts)
     layers: dict[str, LayerPlan] = {}
     problems: list[str] = []
+    untied: dict[str, str] = {}
     for param in [*linear_weights, *experts]:
         if _owner_module(param) in routers:
             continue
         if param not in layout.pieces:  # tied to the input embedding: stored once, as the embedding
-            if config.spec_for(_owner_module(param)) is not None:
-                problems.append(f"{_owner_module(param)} shares its weight with the input embedding (tied "
-                                f"embeddings); it can only stay unquantized")
-            continue
+            if config.spec_for(_owner_module(param)) is None:
+                continue
+            # Quantized, it is stored apart: the input embedding keeps full precision (it is a lookup table).
+            embedding = layout.pieces[input_embedding_param(model)]
+            if len(embedding) != 1:
+                problems.append(f"{_owner_module(param)} is tied to an input embedding stored in "
+                                f"{len(embedding)} pieces; keep it unquantized")
+                continue
+            layout = StoredLayout({**layout.pieces, param: [StoredPiece(param, param, 0, row_count(params[param].shape))]})
+            untied[param] = embedding[0].stored
         in_features = params[param].shape[-1]
         per_expert = row_count(params[param].shape) // params[param].shape[0] if param in experts else None
         specs = {}
@@ -128,13 +143,7 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
                               f"{unknown[:5]}; give full module names as stored in the checkpoint, such as "
                               f"model.layers.0.mlp.down_proj or model.layers.0.mlp.experts.0.down_proj")
     blocks = find_decoder_blocks(model) if tuning else None
-    plan = QuantPlan(config, layers, blocks, layout, router_names)
-    if tuning:
-        outside = plan.layers_outside_blocks()
-        if outside:
-            raise TunerInputError(f"layers outside the decoder blocks cannot be tuned: {outside[:5]}; "
-                                  f"list them in --keep-unquantized or use --iters 0")
-    return plan
+    return QuantPlan(config, layers, blocks, layout, router_names, untied)
 
 
 def _owner_module(param: str) -> str:

@@ -76,9 +76,14 @@ def output_layout(model, plan: QuantPlan, source: ModelSource) -> list[TensorEnt
     return entries
 
 
-def hf_config_with_quantization(hf_config, config: SignRoundConfig) -> dict:
+def hf_config_with_quantization(hf_config, config: SignRoundConfig, untied: bool = False) -> dict:
+    """config.json of the checkpoint; `untied`: the output embedding is stored apart from the input one."""
     d = hf_config.to_dict()
     d["quantization_config"] = config.to_dict()
+    if untied:
+        d["tie_word_embeddings"] = False
+        if isinstance(d.get("text_config"), dict) and "tie_word_embeddings" in d["text_config"]:
+            d["text_config"]["tie_word_embeddings"] = False
     return d
 
 
@@ -91,7 +96,7 @@ def fill_remaining(writer: ShardedWriter, source: ModelSource, model, plan: Quan
         lp = plan.layer_of_stored(piece.stored)
         if lp is not None:
             if f"{lp.name}.{QWEIGHT}" not in writer.written:
-                q, scale, zero = round_to_nearest_in_row_chunks(source.read(piece.stored), lp.spec)
+                q, scale, zero = round_to_nearest_in_row_chunks(source.read(plan.source_of(piece.stored)), lp.spec)
                 writer.write_all(pack_linear(q, scale, zero, lp.spec).tensors(lp.name))
         elif piece.stored in source.files:
             if piece.stored not in writer.written:
@@ -193,9 +198,17 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         # layer can be stored with); the candidates that do not fit a layer are set aside by the choice.
         layers_only = dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
         plan = resolve_plan(model, layers_only, tuning=True, layout=layout_in_files)
+        if plan.layers_outside_blocks():
+            raise TunerInputError(f"--avg-bits chooses the settings of the decoder blocks' layers; "
+                                  f"{plan.layers_outside_blocks()[:3]} lie outside them: keep them unquantized "
+                                  f"(lm_head is by default) or quantize with fixed --bits instead")
         config, allocation_report = _allocate(model, source, plan, config, allocation, tune, calibration, device,
                                               progress)
         plan = resolve_plan(model, config, tuning=tuning, layout=layout_in_files)
+    outside = plan.layers_outside_blocks() if tuning else []
+    if outside and progress:
+        progress(f"outside the decoder blocks, rounded to nearest (not tuned): {', '.join(outside[:5])}"
+                 f"{' ...' if len(outside) > 5 else ''}")
     config = dataclasses.replace(config, modules_to_not_convert=tuple(dict.fromkeys(
         [*config.modules_to_not_convert, *plan.routers])))  # routers stay dense, and the checkpoint says so
     layout = output_layout(model, plan, source)
@@ -203,6 +216,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if allocation_report is not None:
         run_log["allocation"] = allocation_report
+    if outside:
+        run_log["rounded_to_nearest_outside_blocks"] = outside
     if events:
         events(Event("run_started", {"model": str(model_dir), "out_dir": str(out), "quantization": config.to_dict(),
                                      "settings": dataclasses.asdict(tune) if tuning else {"iters": 0},
@@ -241,8 +256,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         source.close()
     seconds = time.perf_counter() - t0
     run_log.update(seconds=round(seconds, 2), **memory.report(), shards=len(writer.files), tuner=config.tuner)
-    write_folder_files(work.path, hf_config_with_quantization(source.hf_config, config), source_dir=source.path,
-                       extra_json={RUN_LOG_FILE: run_log})
+    hf_config = hf_config_with_quantization(source.hf_config, config, untied=bool(plan.untied))
+    write_folder_files(work.path, hf_config, source_dir=source.path, extra_json={RUN_LOG_FILE: run_log})
     (work.path / CARD_FILE).write_text(model_card(str(model_dir), config, plan.layers, run_log, RUN_LOG_FILE))
     (work.path / WorkFolder.STATE).unlink()
     commit_folder(work.path, out, overwrite)

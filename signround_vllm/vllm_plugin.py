@@ -25,6 +25,7 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter, GroupQuantScaleParameter, ModelWeightParameter,
 )
@@ -115,6 +116,9 @@ class SignRoundVllmConfig(QuantizationConfig):
         return next(iter(specs.values()))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):  # quantized when the checkpoint stores it packed
+            spec = self.config.spec_for(prefix)
+            return None if spec is None else SignRoundLinearMethod(spec, prefix, self.forced_kernel)
         if isinstance(layer, LinearBase):
             spec = self.spec_for_layer(prefix)
             if spec is None:
@@ -140,6 +144,22 @@ def _check_loaded(layer_name: str, tensor_name: str, dtype: torch.dtype, loader)
             raise ValueError(f"{layer_name}.{tensor_name}: checkpoint tensor of shape {tuple(loaded_weight.shape)} "
                              f"does not fit this layer's partition {tuple(param.data.shape)} "
                              f"(shard args {kwargs or args}): {e or type(e).__name__}") from None
+
+    return load
+
+
+def _vocab_shard_loader(lm_head: ParallelLMHead, name: str):
+    """Loads lm_head's packed tensors (output dim 1, the vocabulary): this rank's rows of the vocabulary
+    first, zeros in its padding (vLLM's own vocabulary loader assumes the vocabulary on dim 0)."""
+    shard = lm_head.shard_indices
+
+    def load(param, loaded_weight: torch.Tensor):
+        if loaded_weight.ndim != 2 or loaded_weight.shape[1] != lm_head.org_vocab_size:
+            raise ValueError(f"{name}: checkpoint tensor of shape {tuple(loaded_weight.shape)} does not cover the "
+                             f"vocabulary of {lm_head.org_vocab_size} tokens on its second dimension")
+        rows = shard.org_vocab_end_index - shard.org_vocab_start_index
+        param.data[:, :rows].copy_(loaded_weight[:, shard.org_vocab_start_index:shard.org_vocab_end_index])
+        param.data[:, rows:].zero_()
 
     return load
 
@@ -172,7 +192,8 @@ class SignRoundLinearMethod(LinearMethodBase):
         # Per-channel scales cover the whole input, so row-parallel ranks each keep the full row.
         local_spec = spec if spec.group_size != -1 else dataclasses.replace(spec, group_size=-1)
         shapes = packed_tensor_specs(k_local, out_local, local_spec, self.prefix)
-        loader = extra_weight_attrs["weight_loader"]
+        loader = (_vocab_shard_loader(layer, self.prefix) if isinstance(layer, ParallelLMHead)
+                  else extra_weight_attrs["weight_loader"])
 
         def param(name):
             shape, dtype = shapes[name]
@@ -191,9 +212,17 @@ class SignRoundLinearMethod(LinearMethodBase):
                                  act_dtype=params_dtype, device=torch.get_default_device(),
                                  full_in_features=input_size)
         self.kernel = choose_kernel(geometry, forced=self.forced_kernel)
+        if isinstance(layer, ParallelLMHead):
+            logger.info("SignRound: %s is quantized (%s), served by kernel '%s'", self.prefix, spec.short_name(),
+                        self.kernel.name)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self.kernel.prepare(layer)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
+        raise ValueError(f"{self.prefix} is quantized ({self.spec.short_name()}) but config.json ties it to the "
+                         f"input embedding (tie_word_embeddings: true); a quantized output embedding is stored "
+                         f"apart from the input one, as `signround quantize` writes it (tie_word_embeddings: false)")
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernel.apply(layer, x, bias)

@@ -254,3 +254,31 @@ def test_token_normalized_loss_is_not_decided_by_one_huge_token():
     assert block_loss(out, target, "token_normalized") == pytest.approx((1e-4 + 3 * 0.25 / (1 + 1e-6)) / 4, rel=1e-4)
     with pytest.raises(ValueError, match="loss='l1'"):
         TuneSettings(loss="l1")
+
+
+def test_tied_lm_head_is_quantized_apart_from_the_embedding(tiny_with_text, tmp_path):
+    """With lm_head not kept (modules_to_not_convert empty), a tuned run rounds lm_head to nearest (it lies
+    outside the blocks), stores it apart from the tied input embedding, which stays as it was, and says so."""
+    from signround_vllm.checkpoint import dequantized_state_dict
+    from offline_tuner.allocation import Allocation
+    from offline_tuner.quant_core import round_to_nearest_in_row_chunks
+
+    model_dir, text = tiny_with_text
+    spec = LayerQuantSpec(4, 32, False)
+    config = SignRoundConfig(default=spec, modules_to_not_convert=())
+    result = quantize_checkpoint(model_dir, tmp_path / "q", config, tune=TuneSettings(iters=2, batch_size=2),
+                                 calibration=Calibration(4, 32, str(text)))
+    assert result.run_log["rounded_to_nearest_outside_blocks"] == ["lm_head"]
+    hf_config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert hf_config["tie_word_embeddings"] is False and hf_config["quantization_config"]["modules_to_not_convert"] == []
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    embedding = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    assert "lm_head.weight" not in stored and torch.equal(stored["model.embed_tokens.weight"], embedding)
+    q, scale, zero = round_to_nearest_in_row_chunks(embedding, spec)
+    want = ((q.float() - zero.float().repeat_interleave(32, 1)) * scale.float().repeat_interleave(32, 1))
+    got = dequantized_state_dict(tmp_path / "q", torch.float32)["lm_head.weight"]
+    assert torch.allclose(got, want, atol=2e-3 * want.abs().max().item())  # scales are stored as float16
+    with pytest.raises(TunerInputError, match="lm_head"):
+        quantize_checkpoint(model_dir, tmp_path / "mixed", config, allocation=Allocation(3.5, n_windows=2, seq_len=32),
+                            calibration=Calibration(text_file=str(text)))
+    assert not (tmp_path / "mixed").exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from signround_vllm.checkpoint import write_dequantized_copy
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
@@ -17,7 +18,7 @@ from tests.vllm_utils import (
 
 pytestmark = pytest.mark.slow
 
-VOCAB = 512
+VOCAB = 500  # vLLM pads the vocabulary to a multiple of 64: a quantized lm_head loads with padding
 PROMPTS = [[int(t) for t in torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (5, 11, 17, 23)]
 MAX_TOKENS = 12
@@ -37,10 +38,13 @@ def quantize_pair(model_dir, root: Path, spec: LayerQuantSpec, **config_kwargs):
 
 # Each bit width once, symmetric and asymmetric alternating: the kernels' numerics are checked for every bit
 # width in both forms by the kernel tests (tests/test_cpu_int4.py, the Triton tests); here the serving path.
-@pytest.mark.parametrize("bits,sym", [(2, False), (3, True), (4, False), (8, True)])
-def test_served_tokens_match_dequantized_bf16(tiny_model, tmp_path, bits, sym):
+# Two of them quantize lm_head too (tied in the source, stored apart), so it is served packed.
+@pytest.mark.parametrize("bits,sym,lm_head", [(2, False, False), (3, True, False), (4, False, True), (8, True, True)])
+def test_served_tokens_match_dequantized_bf16(tiny_model, tmp_path, bits, sym, lm_head):
     spec = LayerQuantSpec(bits, 32 if bits != 8 else 64, sym)
-    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec, **({"modules_to_not_convert": ()} if lm_head else {}))
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        assert ("lm_head.qweight" in f.keys()) == lm_head
     assert_same_greedy_as(ckpt, deq)
 
 
@@ -118,8 +122,9 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("spec", [LayerQuantSpec(4, 32, False), LayerQuantSpec(3, -1, True)],
                          ids=lambda s: s.short_name())
 def test_tensor_parallel_2_matches_single_rank(tiny_model, tmp_path, spec):
-    """Row- and column-parallel shards of packed tensors load correctly (TP=2 on CPU)."""
-    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec)
+    """Row- and column-parallel shards of packed tensors load correctly (TP=2 on CPU); so does a quantized
+    lm_head split by vocabulary (the second rank's part ends in padding)."""
+    ckpt, deq = quantize_pair(tiny_model, tmp_path, spec, modules_to_not_convert=())
     assert_same_greedy_as(ckpt, deq, out=greedy_with_tensor_parallel_2(ckpt, tmp_path))
 
 
