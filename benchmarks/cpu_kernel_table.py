@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.benchlib import log, machine  # noqa: E402
-from benchmarks.scale import SHAPES  # noqa: E402
+from benchmarks.scale import SHAPES, VOCAB  # noqa: E402
 from signround_vllm import cpu_int4  # noqa: E402
 from signround_vllm.format import LayerQuantSpec, pack_linear  # noqa: E402
 
@@ -83,7 +83,11 @@ def prepared_vllm_layer(packed, spec, k, n):
 def vllm_kernel(packed, spec, k, n):
     """vLLM's CPUWNA16 for this layer, through our `vllm` candidate (outside an engine)."""
     kernel, layer = prepared_vllm_layer(packed, spec, k, n)
+    VLLM_RAN_AS.add(kernel.describe())
     return lambda x: kernel.apply(layer, x)
+
+
+VLLM_RAN_AS: set[str] = set()  # what our `vllm` candidate said it runs (W4A8 when VLLM_CPU_INT4_W4A8=1)
 
 
 def make_paths(k: int, n: int, seed: int, copies: dict[str, int], with_vllm: bool) -> dict[str, list]:
@@ -140,21 +144,25 @@ def threshold(times: dict[tuple[str, int], dict[str, float]], shapes, ms) -> int
     return best
 
 
-def render(args, shapes, ms, times, found: int) -> str:
+def render(args, shapes, ms, times, found: int, extra_shapes=()) -> str:
     lines = [f"# CPU linear-layer paths per batch rows M ({SHAPES[args.shape]['name']} layer shapes)", "",
              f"Machine: {machine()}, {torch.get_num_threads()} threads. Command: "
              f"`python benchmarks/cpu_kernel_table.py {shlex.join(args.argv)}`", "",
              "Median microseconds per call (W4 group 128 asymmetric, bf16 activations, random weights; weight "
              f"copies rotate past the {llc_bytes() >> 20} MiB last-level cache; paths interleaved, "
-             f"{args.reps} repetitions). Ratio = bf16 time / path time (above 1: faster than bf16).", "",
+             f"{args.reps} repetitions). Ratio = bf16 time / path time (above 1: faster than bf16)."
+             + (f" vLLM CPUWNA16 ran as: {'; '.join(sorted(VLLM_RAN_AS))}." if VLLM_RAN_AS else ""), "",
              "| layer (K x N) | M | bf16 | int4pack | tiles | vLLM CPUWNA16 | int4pack vs bf16 | tiles vs bf16 "
              "| CPUWNA16 vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, k, n in shapes:
+    for name, k, n in [*shapes, *extra_shapes]:
         for m in ms:
             t = times[(name, m)]
             us = [f"{t[p] * 1e6:.0f}" if p in t else "-" for p in PATHS]
             ratio = [f"{t['bf16'] / t[p]:.2f}x" if p in t else "-" for p in PATHS[1:]]
             lines.append(f"| {name} ({k} x {n}) | {m} | " + " | ".join(us + ratio) + " |")
+    if extra_shapes:
+        lines += ["", f"{', '.join(name for name, _, _ in extra_shapes)}: timed alone, not part of the block below "
+                      "(lm_head sees only the rows being sampled: one per sequence)."]
     lines += ["", "All layers of one block together:", "",
               "| M | bf16 | int4pack | tiles | vLLM CPUWNA16 | chosen (cpu_int4) vs bf16 | chosen vs CPUWNA16 |",
               "|---|---|---|---|---|---|---|"]
@@ -179,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-vllm", action="store_true", help="leave out vLLM's CPUWNA16 kernel")
     ap.add_argument("--threads", type=int, help="torch threads (default: as torch starts; vLLM's CPU worker on a "
                                                  "2-core machine reserves one core and runs on 1 thread)")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also time the output layer (hidden x vocabulary), apart from the block's layers")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -186,8 +196,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     ms = [int(v) for v in args.m.split(",")]
     shapes = layer_shapes(args.shape)
+    extra = ([("lm_head", SHAPES[args.shape]["hidden"], SHAPES[args.shape].get("vocab", VOCAB))]
+             if args.lm_head else [])
     times: dict[tuple[str, int], dict[str, float]] = {}
-    for i, (name, k, n) in enumerate(shapes):
+    for i, (name, k, n) in enumerate([*shapes, *extra]):
         bytes4, bytes16 = k * n // 2, k * n * 2
         copies = {"bf16": -(-2 * llc_bytes() // bytes16), "int4pack": -(-2 * llc_bytes() // bytes4)}
         paths = make_paths(k, n, seed=1000 * i, copies=copies, with_vllm=not args.no_vllm)
@@ -198,7 +210,7 @@ def main(argv=None) -> int:
                                                                  for p, t in times[(name, m)].items()))
         del paths
     found = threshold(times, shapes, ms)
-    text = render(args, shapes, ms, times, found)
+    text = render(args, shapes, ms, times, found, extra)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

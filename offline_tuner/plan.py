@@ -101,7 +101,8 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
                 problems.append(f"{_owner_module(param)} is tied to an input embedding stored in "
                                 f"{len(embedding)} pieces; keep it unquantized")
                 continue
-            layout = StoredLayout({**layout.pieces, param: [StoredPiece(param, param, 0, row_count(params[param].shape))]})
+            apart = StoredPiece(param, param, 0, row_count(params[param].shape))
+            layout = StoredLayout({**layout.pieces, param: [apart]})
             untied[param] = embedding[0].stored
         in_features = params[param].shape[-1]
         per_expert = row_count(params[param].shape) // params[param].shape[0] if param in experts else None

@@ -149,17 +149,17 @@ def _check_loaded(layer_name: str, tensor_name: str, dtype: torch.dtype, loader)
 
 
 def _vocab_shard_loader(lm_head: ParallelLMHead, name: str):
-    """Loads lm_head's packed tensors (output dim 1, the vocabulary): this rank's rows of the vocabulary
-    first, zeros in its padding (vLLM's own vocabulary loader assumes the vocabulary on dim 0)."""
+    """Loads lm_head's packed tensors (the vocabulary on dim 1): this rank's share of the vocabulary first,
+    zeros in its padding (vLLM's own vocabulary loader assumes the vocabulary on dim 0)."""
     shard = lm_head.shard_indices
 
     def load(param, loaded_weight: torch.Tensor):
         if loaded_weight.ndim != 2 or loaded_weight.shape[1] != lm_head.org_vocab_size:
             raise ValueError(f"{name}: checkpoint tensor of shape {tuple(loaded_weight.shape)} does not cover the "
                              f"vocabulary of {lm_head.org_vocab_size} tokens on its second dimension")
-        rows = shard.org_vocab_end_index - shard.org_vocab_start_index
-        param.data[:, :rows].copy_(loaded_weight[:, shard.org_vocab_start_index:shard.org_vocab_end_index])
-        param.data[:, rows:].zero_()
+        tokens = shard.org_vocab_end_index - shard.org_vocab_start_index
+        param.data[:, :tokens].copy_(loaded_weight[:, shard.org_vocab_start_index:shard.org_vocab_end_index])
+        param.data[:, tokens:].zero_()
 
     return load
 
