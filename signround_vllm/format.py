@@ -42,7 +42,9 @@ be a multiple of 32 and of G.
 ``bits``, ``group_size``, ``sym``; missing keys take the defaults. A module whose
 dotted name contains an entry of ``modules_to_not_convert`` as whole components
 (``lm_head``, ``model.layers.3``, ``experts``, ``model.layers.0.mlp.gate``) is
-stored unquantized (``P.weight``).
+stored unquantized (``P.weight``). A quantized ``lm_head`` is stored like any linear layer;
+when the source model ties it to the input embedding, the checkpoint keeps that embedding
+unquantized, stores ``lm_head.*`` apart and says ``"tie_word_embeddings": false``.
 
 Mixture-of-experts layers store each expert's projections as layers of their own,
 under the names the model's own checkpoint uses and vLLM's loaders read
