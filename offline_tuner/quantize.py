@@ -198,9 +198,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         # layer can be stored with); the candidates that do not fit a layer are set aside by the choice.
         layers_only = dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
         plan = resolve_plan(model, layers_only, tuning=True, layout=layout_in_files)
-        if plan.layers_outside_blocks():
+        outside = plan.layers_outside_blocks()
+        if outside:
             raise TunerInputError(f"--avg-bits chooses the settings of the decoder blocks' layers; "
-                                  f"{plan.layers_outside_blocks()[:3]} lie outside them: keep them unquantized "
+                                  f"{outside[:3]} lie outside them: keep them unquantized "
                                   f"(lm_head is by default) or quantize with fixed --bits instead")
         config, allocation_report = _allocate(model, source, plan, config, allocation, tune, calibration, device,
                                               progress)

@@ -192,8 +192,8 @@ class SignRoundLinearMethod(LinearMethodBase):
         # Per-channel scales cover the whole input, so row-parallel ranks each keep the full row.
         local_spec = spec if spec.group_size != -1 else dataclasses.replace(spec, group_size=-1)
         shapes = packed_tensor_specs(k_local, out_local, local_spec, self.prefix)
-        loader = (_vocab_shard_loader(layer, self.prefix) if isinstance(layer, ParallelLMHead)
-                  else extra_weight_attrs["weight_loader"])
+        is_lm_head = isinstance(layer, ParallelLMHead)
+        loader = _vocab_shard_loader(layer, self.prefix) if is_lm_head else extra_weight_attrs["weight_loader"]
 
         def param(name):
             shape, dtype = shapes[name]
@@ -212,7 +212,7 @@ class SignRoundLinearMethod(LinearMethodBase):
                                  act_dtype=params_dtype, device=torch.get_default_device(),
                                  full_in_features=input_size)
         self.kernel = choose_kernel(geometry, forced=self.forced_kernel)
-        if isinstance(layer, ParallelLMHead):
+        if is_lm_head:
             logger.info("SignRound: %s is quantized (%s), served by kernel '%s'", self.prefix, spec.short_name(),
                         self.kernel.name)
 
