@@ -17,6 +17,11 @@ from offline_tuner.errors import TunerInputError
 from offline_tuner.model_source import input_embedding_param, model_stored_layout
 from offline_tuner.stored_layout import StoredLayout, StoredPiece, row_count
 
+# Architectures whose vLLM class (vLLM 0.32) has no lm_head: it computes the logits from the input
+# embedding, so a checkpoint with a quantized output layer would fail to load there.
+LOGITS_FROM_INPUT_EMBEDDING = frozenset({"Gemma2ForCausalLM", "Gemma3nForCausalLM", "CohereForCausalLM",
+                                         "Cohere2ForCausalLM", "Cohere2MoeForCausalLM"})
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
@@ -128,6 +133,7 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
             detail = ", ".join(f"{n}: {s.short_name() if s else 'unquantized'}" for n, s in list(specs.items())[:6])
             problems.append(f"{param} holds {len(specs)} stored weights that vLLM loads as one fused tensor, so they "
                             f"need the same settings; found {detail}{' ...' if len(specs) > 6 else ''}")
+    problems += _output_layer_vllm_cannot_load(model, layers)
     if problems:
         raise TunerInputError("cannot quantize these layers with the requested settings:\n  " +
                               "\n  ".join(problems) + "\n(keep them unquantized with --keep-unquantized, "
@@ -145,6 +151,18 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
                               f"model.layers.0.mlp.down_proj or model.layers.0.mlp.experts.0.down_proj")
     blocks = find_decoder_blocks(model) if tuning else None
     return QuantPlan(config, layers, blocks, layout, router_names, untied)
+
+
+def _output_layer_vllm_cannot_load(model: torch.nn.Module, layers: Mapping[str, LayerPlan]) -> list[str]:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if output is None or architecture not in LOGITS_FROM_INPUT_EMBEDDING:
+        return []
+    name = next((n for n, m in model.named_modules() if m is output), None)
+    if not any(lp.param == f"{name}.weight" for lp in layers.values()):
+        return []
+    return [f"{name} of {architecture}: vLLM serves this architecture with the logits computed from the input "
+            f"embedding (it has no {name} to load), so {name} must stay unquantized"]
 
 
 def _owner_module(param: str) -> str:

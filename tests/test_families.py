@@ -104,6 +104,16 @@ def test_override_of_an_unknown_layer_is_refused(tmp_path):
         resolve_plan(model, config, tuning=False)
 
 
+def test_quantized_lm_head_is_refused_where_vllm_has_none(tmp_path):
+    """vLLM's Gemma 2 computes logits from the input embedding: a quantized lm_head could not be loaded."""
+    model = load_causal_lm(make_tiny_model(tmp_path / "m", seed=0, vocab_size=512, family="gemma2"))
+    config = SignRoundConfig(default=LayerQuantSpec(4, 32, False), modules_to_not_convert=())
+    with pytest.raises(TunerInputError, match=r"lm_head of Gemma2ForCausalLM"):
+        resolve_plan(model, config, tuning=False)
+    kept = SignRoundConfig(default=LayerQuantSpec(4, 32, False), modules_to_not_convert=("lm_head",))
+    assert "lm_head" not in resolve_plan(model, kept, tuning=False).layers
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", DENSE_FAMILIES)
 def test_family_tunes_and_serves_its_dequantized_weights(family, tmp_path, calibration_text):
