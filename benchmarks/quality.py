@@ -16,7 +16,8 @@ fake-quantized weights as a bf16 copy, since the plugin does not load their form
 with transformers on the same weights (`--no-served`: transformers only), on three held-out texts
 that no tool sees: Wikipedia articles of the evaluation split (in domain), Australian news articles
 and the documentation strings of Python standard-library modules (out of domain). `mixed<bits>`
-settings choose per-layer bits with `--avg-bits` (SignRound and round-to-nearest only). `--resume`
+settings choose per-layer bits with `--avg-bits` (SignRound and round-to-nearest; with `--anchors autoscheme`,
+auto-round's AutoScheme at the same average and candidate settings; the uniform anchors skip them). `--resume`
 reuses runs an earlier call finished. Prints a markdown report with the machine and the command, and
 writes it to --out.
 """
@@ -60,12 +61,15 @@ class Anchor(NamedTuple):
     driver: str  # in benchmarks/
     args: tuple[str, ...]  # given to the driver besides the shared ones
     tunes: bool  # takes --iters and --batch-size (a tuner, not a one-shot method)
+    mixed: bool = False  # runs the mixed<bits> settings (chooses per-layer settings), not the uniform ones
 
 
 ANCHORS = {
     "autoround": Anchor("auto-round", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", (), True),
     "autoround-ext": Anchor("auto-round alg-ext", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py",
                             ("--alg-ext",), True),
+    "autoscheme": Anchor("auto-round AutoScheme", AUTOROUND_VENV, AUTOROUND_PINS, "autoround_driver.py", (), True,
+                         mixed=True),
     "gptq": Anchor("GPTQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py",
                    ("--algorithm", "gptq"), False),
     "awq": Anchor("AWQ", LLMCOMPRESSOR_VENV, LLMCOMPRESSOR_PINS, "llmcompressor_driver.py",
@@ -91,6 +95,13 @@ def setting(name: str):
     if name not in SETTINGS:
         raise SystemExit(f"--settings {name}: choose among {list(SETTINGS)} or mixed<average bits>")
     return SETTINGS[name]
+
+
+def stored_bits(layers, sym: bool) -> float:
+    """Average stored bits per weight (scales and zero points included) of [bits, group size, weights] layers."""
+    layers = list(layers)
+    total = sum(n for _, _, n in layers)
+    return sum(n * bits_per_weight(LayerQuantSpec(b, g, sym), g) for b, g, n in layers) / total
 
 
 def log(msg: str) -> None:
@@ -223,7 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--anchors", nargs="*", default=[], choices=[k for k in ANCHORS if k != "autoround"],
                    help="more tools side by side, each in its own venv under .cache: autoround-ext = auto-round with "
                         "its SignRoundV2 extensions (enable_alg_ext); gptq, awq = llm-compressor's GPTQModifier and "
-                        "AWQModifier (+ QuantizationModifier) at the same bits and group size, same windows")
+                        "AWQModifier (+ QuantizationModifier) at the same bits and group size, same windows; "
+                        "autoscheme = auto-round's AutoScheme, on the mixed<bits> settings only")
     p.add_argument("--stream-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="storage of SignRound's activation streams between blocks (default float32)")
     p.add_argument("--signround-args", default="",
@@ -307,13 +319,15 @@ def main(argv=None) -> int:
                 "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(seed),
                 "--stream-dtype", args.stream_dtype, *args.signround_args.split()],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
-            for key in ([] if mixed else anchors):
+            for key in [k for k in anchors if ANCHORS[k].mixed == mixed]:
                 anchor, out_dir = ANCHORS[key], work / f"{key}-{tag}"
                 tuning = ["--iters", str(iters), "--batch-size", str(batch)] if anchor.tunes else []
+                target = (["--avg-bits", str(spec.avg_bits), "--options",
+                           ",".join(f"{c.bits}:{c.group_size}" for c in spec.candidates())] if mixed
+                          else ["--bits", str(spec.bits), "--group-size", str(spec.group_size)])
                 tools[key] = (anchor.label, [
                     str(anchor_python[key]), str(REPO / "benchmarks" / anchor.driver), str(model_dir), *anchor.args,
-                    "--out", str(out_dir), "--calibration", str(calib_file), "--bits", str(spec.bits),
-                    "--group-size", str(spec.group_size), *tuning, "--seed", str(seed),
+                    "--out", str(out_dir), "--calibration", str(calib_file), *target, *tuning, "--seed", str(seed),
                     *(["--sym"] if spec.sym else [])],
                     out_dir / "run.json",
                     lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
@@ -337,6 +351,8 @@ def main(argv=None) -> int:
                 if key == "sr":
                     row["bits_per_weight"] = (run["allocation"]["achieved_bits"] if mixed
                                               else bits_per_weight(spec, spec.group_size))
+                elif "layer_settings" in run:  # the tool's own choice of settings, costed as this format stores it
+                    row[f"{key}_bits"] = stored_bits(run["layer_settings"].values(), spec.sym)
                 row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
                                      "tool": run.get("tool", label)}
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
@@ -429,12 +445,16 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
         lines += ["", f"Check: served perplexities differ from transformers' on the same bf16 weights by at most "
                       f"{worst * 100:.2f}% over all {sum(s is not None for s, _ in pairs)} figures."]
     texts = list(base)
-    lines += ["", "## Each run", "", "| setting | seed | tool | " + " | ".join(texts) + " |",
-              "|---|---|---|" + "---|" * len(texts)]
+    lines += ["", "## Each run", "",
+              "bits/weight: stored bits per weight of the tool's choice of per-layer settings, scales and zero points "
+              "included (costed as this project stores them).", "",
+              "| setting | seed | tool | bits/weight | " + " | ".join(texts) + " |",
+              "|---|---|---|---|" + "---|" * len(texts)]
     for r in rows:
         for k, label in labels.items():
             if k in r:
-                lines.append(f"| {r['name']} | {r['seed']} | {label} | "
+                bits = r.get("bits_per_weight") if k == "sr" else r.get(f"{k}_bits", r.get("bits_per_weight"))
+                lines.append(f"| {r['name']} | {r['seed']} | {label} | {fmt(bits) if bits is None else f'{bits:.3f}'} | "
                              + " | ".join(fmt(_ppl(r, k, t, served)) for t in texts) + " |")
     lines += ["", "## Tuning cost", "",
               "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; the other tools' "

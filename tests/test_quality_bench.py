@@ -61,10 +61,15 @@ def test_report_means_served_figures_over_seeds_for_every_tool():
                             LoadWatch(), 60)
     # served means: SignRound (21 + 23) / 2 = 22, GPTQ 32; gap closed (51 - 22) / (51 - 11) = 72%; 22 / 32 - 1
     assert "| W3G64asym | 3.375 | wiki | 11.00 | 51.00 | 22.00 | 32.00 | 72% | -31.2% |" in report
-    assert "| W3G64asym | 43 | GPTQ | 32.00 |" in report
+    assert "| W3G64asym | 43 | GPTQ | 3.375 | 32.00 |" in report
     assert "| W3G64asym | GPTQ | 300 s | 3.00 | 310 s | 2.82 | 1.00 GiB |" in report
     # the check line compares served with transformers figures: worst is GPTQ 32 vs 30
     assert "at most 10.00%" in report
+    # a tool that chose its own settings (AutoScheme) is costed as this format stores them
+    rows[1]["gptq_bits"] = quality.stored_bits([[2, 64, 100], [4, 32, 300]], sym=False)
+    assert rows[1]["gptq_bits"] == (100 * (2 + 24 / 64) + 300 * (4 + 24 / 32)) / 400
+    assert "| W3G64asym | 43 | GPTQ | 4.156 | 32.00 |" in quality.render(
+        args, [], {"wiki": 10.0}, served(11.0), rows, Calibration(32, 256), 40, 4, LoadWatch(), 60)
     transformers_only = quality.render(args, [], {"wiki": 10.0}, None, rows, Calibration(32, 256), 40, 4,
                                        LoadWatch(), 60)
     assert "| W3G64asym | 3.375 | wiki | 10.00 | 50.00 | 20.50 | 30.00 | 74% | -31.7% |" in transformers_only
