@@ -155,7 +155,7 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
 
 def _output_layer_vllm_cannot_load(model: torch.nn.Module, layers: Mapping[str, LayerPlan]) -> list[str]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    architecture = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
     if output is None or architecture not in LOGITS_FROM_INPUT_EMBEDDING:
         return []
     name = next((n for n, m in model.named_modules() if m is output), None)
