@@ -151,10 +151,8 @@ def tied_parameter_names(model) -> set[str]:
     """Parameter names that share storage with another (tied embeddings): stored once, under the other name."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
-    out = model.get_output_embeddings()
-    if out is None:
-        return set()
-    return {n + ".weight" for n, m in model.named_modules() if m is out}
+    out = output_embedding_param(model)
+    return {out} if out is not None else set()
 
 
 def model_stored_layout(model) -> StoredLayout:
@@ -166,6 +164,12 @@ def model_stored_layout(model) -> StoredLayout:
 def input_embedding_param(model) -> str:
     emb = model.get_input_embeddings()
     return next(n + ".weight" for n, m in model.named_modules() if m is emb)
+
+
+def output_embedding_param(model) -> str | None:
+    """The output layer's (lm_head's) weight name, or None where the model has none."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n + ".weight" for n, m in model.named_modules() if m is out), None) if out is not None else None
 
 
 def _is_buffer(model, name: str) -> bool:

@@ -14,7 +14,7 @@ import torch
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, SignRoundFormatError
 from offline_tuner.architecture import DecoderBlocks, find_decoder_blocks
 from offline_tuner.errors import TunerInputError
-from offline_tuner.model_source import input_embedding_param, model_stored_layout
+from offline_tuner.model_source import input_embedding_param, model_stored_layout, output_embedding_param
 from offline_tuner.stored_layout import StoredLayout, StoredPiece, row_count
 
 # Architectures whose vLLM class (vLLM 0.32) has no lm_head: it computes the logits from the input
@@ -154,13 +154,13 @@ def resolve_plan(model: torch.nn.Module, config: SignRoundConfig, tuning: bool,
 
 
 def _output_layer_vllm_cannot_load(model: torch.nn.Module, layers: Mapping[str, LayerPlan]) -> list[str]:
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     architecture = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
-    if output is None or architecture not in LOGITS_FROM_INPUT_EMBEDDING:
+    if architecture not in LOGITS_FROM_INPUT_EMBEDDING:
         return []
-    name = next((n for n, m in model.named_modules() if m is output), None)
-    if not any(lp.param == f"{name}.weight" for lp in layers.values()):
+    param = output_embedding_param(model)
+    if param is None or not any(lp.param == param for lp in layers.values()):
         return []
+    name = param.removesuffix(".weight")
     return [f"{name} of {architecture}: vLLM serves this architecture with the logits computed from the input "
             f"embedding (it has no {name} to load), so {name} must stay unquantized"]
 
