@@ -7,6 +7,7 @@ anonymous memory; both are reported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
@@ -47,13 +48,21 @@ class MemoryPeak:
         return {"peak_rss_bytes": self.peak_rss_bytes(), "peak_anon_bytes": self.peak_anon_bytes}
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None. Opened by its soname: ctypes.util.find_library would run ldconfig in a
+    forked child after every block (a fork of a multi-GB process, counted twice by anyone measuring the tree)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
 def return_freed_memory() -> None:
     """Hand memory freed by the last block back to the system (glibc keeps freed heap pages otherwise,
     so the process would hold its largest block's transient peak for the rest of the run)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -66,8 +66,9 @@ def _check_run(big_model, tmp_path, out, cmd, baseline):
     streams = 4 * N_SAMPLES * SEQ * HIDDEN * 4
     # One block in fp32 with its tunables, their gradients, the best copy, the rounded weights and their
     # bf16 copies for the matmuls (at most twelve copies of the block), the largest other tensor twice,
-    # the streams, and slack for freed memory glibc keeps: the same SignRound run peaked at 577 MiB alone
-    # and at 929 MiB inside the full suite (the tuner's own samples said 608), so 448 MiB.
+    # the streams, and 448 MiB of slack for freed memory glibc keeps. The same SignRound run peaks near
+    # 600 MiB; it once read 929 and 1220 MiB because the tuner forked ldconfig after every block and the
+    # child was counted with the parent (fixed in offline_tuner/memory.py).
     bound = baseline + 12 * block_fp32 + 2 * largest_other + streams + 448 * MiB
     print(f"\npeak anonymous memory {peak / MiB:.0f} MiB (bound {bound / MiB:.0f} MiB: baseline "
           f"{baseline / MiB:.0f}, block fp32 {block_fp32 / MiB:.0f}); model {model_bytes / MiB:.0f} MiB in bf16")
