@@ -148,21 +148,27 @@ def unused_windows(ids: list[int], calib, seeds, n: int, length: int) -> torch.T
 
 
 def serve(models: dict, windows_file: Path, windows_id: str, work: Path, tag: str, timeout: float,
-          resume: bool) -> dict:
+          resume: bool, remade: set = frozenset()) -> dict:
     """{key: {"method", "perplexity"}} for {key: model folder}, as vLLM serves them (one subprocess).
     With `resume`, the results of an earlier call for the same folders on the same windows (`windows_id`,
-    their `windows_digest`) are reused."""
+    their `windows_digest`) are reused, except for the folders in `remade` (written again by this call)."""
     out = work / f"served-{tag}-{windows_id}.json"
-    earlier = benchlib.read_json(out) if resume else None
-    if earlier is not None and all(str(folder) in earlier for folder in models.values()):
+    earlier = (benchlib.read_json(out) or {}) if resume else {}
+    earlier = {folder: result for folder, result in earlier.items() if folder not in {str(f) for f in remade}}
+    todo = [folder for folder in models.values() if str(folder) not in earlier]
+    if not todo:
         log(f"reusing the served perplexities in {out} (--resume)")
-        return {key: earlier[str(folder)] for key, folder in models.items()}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "served_perplexity.py"), "--windows", str(windows_file),
-           "--out", str(out), "--models", *map(str, models.values())]
-    log(f"serving {len(models)} models with vLLM for perplexity ({tag})")
-    run_logged(cmd, work / "logs" / f"served-{tag}.log", timeout=timeout)
-    results = json.loads(out.read_text())
-    return {key: results[str(folder)] for key, folder in models.items()}
+    else:
+        fresh_file = work / f"served-{tag}-{windows_id}.new.json"
+        cmd = [sys.executable, str(REPO / "benchmarks" / "served_perplexity.py"), "--windows", str(windows_file),
+               "--out", str(fresh_file), "--models", *map(str, todo)]
+        log(f"serving {len(todo)} models with vLLM for perplexity ({tag})"
+            + (f"; {len(models) - len(todo)} reused (--resume)" if len(todo) < len(models) else ""))
+        run_logged(cmd, work / "logs" / f"served-{tag}.log", timeout=timeout)
+        earlier.update(json.loads(fresh_file.read_text()))
+        out.write_text(json.dumps(earlier, indent=1))
+        fresh_file.unlink()
+    return {key: earlier[str(folder)] for key, folder in models.items()}
 
 
 def windows_digest(windows: dict) -> str:
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
                           *(["--sym"] if spec.sym else [])]
         rtn = perplexities(load_dequantized(model, rtn_dir), windows)
         log(f"{name} round-to-nearest: {rtn}")
-        to_serve, setting_rows = {("rtn", None): rtn_dir}, []
+        to_serve, setting_rows, remade = {("rtn", None): rtn_dir}, [], set()  # remade: tool runs redone here
         for seed in args.seeds:
             row = {"name": name, "seed": seed, "rtn": rtn}
             calib_file = work / f"calibration-seed{seed}.pt"
@@ -341,6 +347,7 @@ def main(argv=None) -> int:
                 else:
                     log(" ".join(cmd))
                     loads.sample()
+                    remade.add(run_file.parent if key == "sr" else run_file.parent / "served-bf16")
                     wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
                     record_file.write_text(json.dumps({"cmd": cmd, "wall": wall}))
                 run = json.loads(run_file.read_text())
@@ -360,7 +367,7 @@ def main(argv=None) -> int:
             setting_rows.append(row)
         if args.served:
             served = serve({f"{k}-{s}": folder for (k, s), folder in to_serve.items()}, windows_file, windows_id,
-                           work, name, args.timeout, args.resume)
+                           work, name, args.timeout, args.resume, remade)
             for row in setting_rows:
                 row["served"] = {k: served[f"{k}-{s}"] for (k, s) in to_serve if s in (None, row["seed"])}
                 log(f"{name}-seed{row['seed']} served: "

@@ -73,3 +73,33 @@ def test_report_means_served_figures_over_seeds_for_every_tool():
     transformers_only = quality.render(args, [], {"wiki": 10.0}, None, rows, Calibration(32, 256), 40, 4,
                                        LoadWatch(), 60)
     assert "| W3G64asym | 3.375 | wiki | 10.00 | 50.00 | 20.50 | 30.00 | 74% | -31.7% |" in transformers_only
+
+
+def test_resume_serves_again_only_the_tool_runs_redone(tmp_path, monkeypatch):
+    """--resume reuses served perplexities by folder; a folder whose tool run was redone in this call
+    (for example with other tuner options) must be measured again, the others not."""
+    import json
+
+    quality = load_quality()
+    served_calls = []
+
+    def fake_run_logged(cmd, log, timeout):
+        models = cmd[cmd.index("--models") + 1:]
+        served_calls.append(models)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.write_text(json.dumps({m: {"perplexity": {"wiki": float(len(served_calls))}} for m in models}))
+        return 1.0
+
+    monkeypatch.setattr(quality, "run_logged", fake_run_logged)
+    models = {"rtn": tmp_path / "rtn", "sr": tmp_path / "sr", "gptq": tmp_path / "gptq"}
+    first = quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=True)
+    assert served_calls == [[str(p) for p in models.values()]]
+    again = quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=True)
+    assert again == first and len(served_calls) == 1
+    redone = quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=True,
+                           remade={tmp_path / "sr"})
+    assert served_calls[-1] == [str(tmp_path / "sr")]
+    assert redone["sr"]["perplexity"]["wiki"] == 2.0 and redone["gptq"] == first["gptq"]
+    assert quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=True) == redone
+    quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=False)
+    assert len(served_calls[-1]) == 3
