@@ -171,6 +171,23 @@ def serve(models: dict, windows_file: Path, windows_id: str, work: Path, tag: st
     return {key: earlier[str(folder)] for key, folder in models.items()}
 
 
+# What a SignRound checkpoint depends on: the tuner and the stored format (not the serving kernels).
+TUNER_SOURCES = ("offline_tuner", "signround_vllm/format.py", "signround_vllm/checkpoint.py",
+                 "signround_vllm/shards.py")
+
+
+def tuner_digest() -> str:
+    """A fingerprint of the tuner's source, so --resume never reuses a SignRound run that other code made
+    (a changed default leaves the command line as it was)."""
+    digest = hashlib.sha256()
+    for entry in TUNER_SOURCES:
+        path = REPO / entry
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(f.relative_to(REPO)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def windows_digest(windows: dict) -> str:
     """A short fingerprint of the evaluation windows (names and tokens), so results on other windows are not reused."""
     digest = hashlib.sha256()
@@ -259,7 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed to each tool run")
     p.add_argument("--resume", action="store_true",
                    help="reuse tool runs and served perplexities that an earlier call with the same --work finished "
-                        "with the very same command (a stopped run can be taken up again)")
+                        "with the very same command and, for SignRound, the very same tuner source (a stopped "
+                        "run can be taken up again)")
     p.add_argument("--out", help="also write the markdown report to this .md file (and its numbers beside it, .json)")
     p.add_argument("--work", default=str(cache_root() / "bench-quality"))
     args = p.parse_args(argv)
@@ -341,7 +359,9 @@ def main(argv=None) -> int:
                 label, cmd, run_file, load_weights = tools[key]
                 record_file = run_file.parent / "bench-record.json"
                 record = benchlib.read_json(record_file) if args.resume else None
-                if record is not None and record["cmd"] == cmd and run_file.is_file():
+                code = tuner_digest() if key == "sr" else None  # the anchors' code is pinned by their venvs
+                if (record is not None and record["cmd"] == cmd and record.get("code") == code
+                        and run_file.is_file()):
                     wall = record["wall"]
                     log(f"{tag} {label}: reusing the finished run in {run_file.parent} (--resume)")
                 else:
@@ -349,7 +369,7 @@ def main(argv=None) -> int:
                     loads.sample()
                     remade.add(run_file.parent if key == "sr" else run_file.parent / "served-bf16")
                     wall = run_logged(cmd, work / "logs" / f"{run_file.parent.name}.log", timeout=args.timeout)
-                    record_file.write_text(json.dumps({"cmd": cmd, "wall": wall}))
+                    record_file.write_text(json.dumps({"cmd": cmd, "wall": wall, "code": code}))
                 run = json.loads(run_file.read_text())
                 row[key] = perplexities(load_weights(), windows)
                 if args.served:

@@ -94,8 +94,9 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
                    help="also tune the min/max clipping factors (default on)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="start the min/max clipping factors from a per-group grid search (importance: each input "
-                        "channel's mean squared activation) instead of 1.0; with --iters 0, clipping by the search "
-                        "alone (default off)")
+                        "channel's mean squared activation) instead of 1.0, for every layer; with --iters 0, "
+                        "clipping by the search alone (default: searched for 2-bit layers when tuning, so "
+                        "--iters 0 stays round-to-nearest; --no-clip-search: never)")
     p.add_argument("--loss", choices=["mse", "token-normalized"],
                    help="tuning objective: each token's error relative to its own size (token-normalized, "
                         "default), so a few huge activations do not dominate, or mse over all values")
@@ -153,7 +154,8 @@ def tuning_from_args(args):
     tune = dataclasses.replace(tune, **{k: v for k, v in {
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "minmax_lr": args.minmax_lr,
         "tune_minmax": args.tune_minmax, "bf16_autocast": args.bf16_autocast, "seed": args.seed,
-        "clip_search": args.clip_search, "holdout": args.holdout, "compile": args.compile,
+        "clip_search": {True: "on", False: "off", None: None}[args.clip_search],
+        "holdout": args.holdout, "compile": args.compile,
         "loss": args.loss.replace("-", "_") if args.loss else None,
         "stream_dtype": args.stream_dtype}.items()
         if v is not None})
@@ -223,8 +225,10 @@ def cmd_quantize(args) -> int:
     tune, calib = tuning_from_args(args)
     model = resolve_model(args.model)
     method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
-    if tune.clip_search:
+    if tune.clip_search == "on":
         method += ", clipping searched first"
+    elif tune.clip_search == "auto" and tune.iters > 0:
+        method += ", clipping of 2-bit layers searched first"
     what = f"mixed bits to {allocation.avg_bits} per weight" if allocation else config.default.short_name()
     log(f"quantizing {model} -> {args.out} ({what}, {method})")
     events, json_log = event_sinks(args)

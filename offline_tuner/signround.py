@@ -33,6 +33,12 @@ Progress = Callable[[str], None]
 
 STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSSES = ("mse", "token_normalized")
+CLIP_SEARCH_CHOICES = ("auto", "on", "off")
+# clip_search "auto" searches layers of at most this many bits. Chosen on the selection texts, never the
+# evaluation texts (benchmarks/results/quality-selection-sym-w2g64-{base,clip}.md, -tokennorm{,-clip}.md):
+# at 2 bits the search lowered perplexity on both texts, by 1-3% at G32 and 22-35% at G64 (both seeds); at
+# 3 bits it was about 2% better on one text and 2% worse on the other.
+AUTO_CLIP_SEARCH_BITS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +57,10 @@ class TuneSettings:
     # dtype in which the two activation streams between blocks are stored (computation stays float32).
     stream_dtype: str = "float32"
     # Start the clipping factors from a per-group search (quant_core.search_clipping, weighted by each input
-    # channel's mean squared activation) instead of 1.0; with iters 0 this alone decides the clipping.
-    clip_search: bool = False
+    # channel's mean squared activation) instead of 1.0: "on" for every layer (with iters 0 the search alone
+    # then decides the clipping), "off", or "auto" = only layers of at most AUTO_CLIP_SEARCH_BITS bits, and
+    # only when tuning (so iters 0 stays round-to-nearest). See searches_clipping.
+    clip_search: str = "auto"
     # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
     # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
     holdout: int = 0
@@ -74,6 +82,8 @@ class TuneSettings:
             raise ValueError(f"loss={self.loss!r}: use one of {list(LOSSES)}")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile={self.compile!r}: use one of {list(COMPILE_CHOICES)}")
+        if self.clip_search not in CLIP_SEARCH_CHOICES:
+            raise ValueError(f"clip_search={self.clip_search!r}: use one of {list(CLIP_SEARCH_CHOICES)}")
         if self.holdout < 0:
             raise ValueError(f"holdout={self.holdout}: must be >= 0")
         if self.stream_dtype not in STREAM_DTYPES:
@@ -83,7 +93,13 @@ class TuneSettings:
     def departs_from_rtn(self) -> bool:
         """Whether these settings can give other weights than round-to-nearest (then blocks are run one by
         one on calibration data, and each result is checked against round-to-nearest)."""
-        return self.iters > 0 or self.clip_search
+        return self.iters > 0 or self.clip_search == "on"
+
+    def searches_clipping(self, bits: int) -> bool:
+        """Whether a layer of `bits` bits starts from the clipping search (see clip_search)."""
+        if self.clip_search == "auto":
+            return self.iters > 0 and bits <= AUTO_CLIP_SEARCH_BITS
+        return self.clip_search == "on"
 
     @property
     def offset_lr(self) -> float:
@@ -210,7 +226,8 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     memory or memory-mapped, any float dtype; each batch is moved to the block's device in float32.
     keep_rtn_rows: per parameter, a boolean mask of rows that keep round-to-nearest whatever the tuning
     found (the experts no calibration token was routed to). importance: per parameter, the mean squared
-    input of each of its K channels, weighting the clipping search (settings.clip_search; 1 where absent).
+    input of each of its K channels, weighting the clipping search (settings.searches_clipping; 1 where
+    absent).
 
     The block's own weights are left untouched; the result holds the best tunables seen.
     """
@@ -219,7 +236,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     weights = {name: FrozenWeight.of(p, specs[name]) for name, p in params.items()}
     tunables = {name: LayerTunables.initial(p, specs[name], device, clip=search_clipping(
                     p.detach().float().reshape(-1, p.shape[-1]), specs[name], (importance or {}).get(name))
-                    if settings.clip_search else None) for name, p in params.items()}
+                    if settings.searches_clipping(specs[name].bits) else None) for name, p in params.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
     n_all = inputs.shape[0]

@@ -103,3 +103,23 @@ def test_resume_serves_again_only_the_tool_runs_redone(tmp_path, monkeypatch):
     assert quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=True) == redone
     quality.serve(models, tmp_path / "w.pt", "abc", tmp_path, "W3", 60, resume=False)
     assert len(served_calls[-1]) == 3
+
+
+def test_tuner_digest_follows_the_tuner_source_only(tmp_path, monkeypatch):
+    """--resume keys SignRound runs on this digest: it changes with the tuner or the stored format, not with
+    other code (the serving kernels)."""
+    import shutil
+
+    quality = load_quality()
+    for entry in quality.TUNER_SOURCES + ("triton_kernels",):
+        source = REPO / entry
+        (tmp_path / entry).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / entry)
+    monkeypatch.setattr(quality, "REPO", tmp_path)
+    first = quality.tuner_digest()
+    kernel = next((tmp_path / "triton_kernels").rglob("*.py"))
+    kernel.write_text(kernel.read_text() + "\n# serving code\n")
+    assert quality.tuner_digest() == first
+    tuner = tmp_path / "offline_tuner" / "signround.py"
+    tuner.write_text(tuner.read_text().replace('clip_search: str = "auto"', 'clip_search: str = "off"'))
+    assert quality.tuner_digest() != first

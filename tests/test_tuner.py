@@ -205,13 +205,44 @@ def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text,
     config = SignRoundConfig(default=LayerQuantSpec(2, 32, False))
     calib = Calibration(4, 48, str(text))
     searched = quantize_checkpoint(model_dir, tmp_path / "search", config, calibration=calib,
-                                   tune=TuneSettings(iters=0, batch_size=2, clip_search=True))
+                                   tune=TuneSettings(iters=0, batch_size=2, clip_search="on"))
     rtn = quantize_checkpoint(model_dir, tmp_path / "rtn", config)
     blocks = searched.run_log["blocks"]
     assert len(blocks) == 3 and all(b["tuned_loss"] <= b["rtn_loss"] for b in blocks)
     assert any(b["tuned_loss"] < b["rtn_loss"] for b in blocks)
     a, b = load_file(str(tmp_path / "search" / "model.safetensors")), load_file(str(rtn.out_dir / "model.safetensors"))
     assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith(".scales"))
+
+
+def test_clipping_search_by_default_only_for_two_bit_layers_when_tuning(tiny_with_text, tmp_path, monkeypatch):
+    """clip_search "auto" (default): the 2-bit layers of a tuned run start from the searched clipping, the
+    others from 1.0; with no iterations nothing is searched; "on" / "off" search every layer / none."""
+    import offline_tuner.signround as sr
+
+    assert TuneSettings().clip_search == "auto"
+    assert [TuneSettings(iters=i, clip_search=c).searches_clipping(b)
+            for i, c, b in [(5, "auto", 2), (5, "auto", 3), (0, "auto", 2), (0, "on", 4), (5, "off", 2)]] == \
+        [True, False, False, True, False]
+    with pytest.raises(ValueError, match="clip_search='yes'"):
+        TuneSettings(clip_search="yes")
+    searched: list[int] = []
+    original = sr.search_clipping
+
+    def spy(w, spec, importance=None, **kw):
+        searched.append(spec.bits)
+        assert importance is not None and importance.shape == (w.shape[1],)  # the block's input energy
+        return original(w, spec, importance, **kw)
+
+    monkeypatch.setattr(sr, "search_clipping", spy)
+    model_dir, text = tiny_with_text
+    config = SignRoundConfig(default=LayerQuantSpec(3, 32, False),
+                             layer_overrides={"model.layers.0.mlp.down_proj": LayerQuantSpec(2, 32, False)})
+    quantize_checkpoint(model_dir, tmp_path / "mixed", config, calibration=Calibration(4, 32, str(text)),
+                        tune=TuneSettings(iters=1, batch_size=2))
+    assert searched == [2]  # one 2-bit layer in three blocks of seven
+    quantize_checkpoint(model_dir, tmp_path / "every", config, calibration=Calibration(4, 32, str(text)),
+                        tune=TuneSettings(iters=1, batch_size=2, clip_search="on"))
+    assert len(searched) == 1 + 21
 
 
 def test_held_back_windows_are_never_tuned_on(tiny_with_text, tmp_path, monkeypatch):
