@@ -154,7 +154,8 @@ def serve(models: dict, windows_file: Path, windows_id: str, work: Path, tag: st
     their `windows_digest`) are reused, except for the folders in `remade` (written again by this call)."""
     out = work / f"served-{tag}-{windows_id}.json"
     earlier = (benchlib.read_json(out) or {}) if resume else {}
-    earlier = {folder: result for folder, result in earlier.items() if folder not in {str(f) for f in remade}}
+    redone = {str(folder) for folder in remade}
+    earlier = {folder: result for folder, result in earlier.items() if folder not in redone}
     todo = [folder for folder in models.values() if str(folder) not in earlier]
     if not todo:
         log(f"reusing the served perplexities in {out} (--resume)")
@@ -315,6 +316,7 @@ def main(argv=None) -> int:
                          args.resume)["bf16"]
                    if args.served else None)
     rows, turn = [], 0
+    sr_code = tuner_digest()  # the tuner this call runs, read once
     for name in args.settings:
         spec = setting(name)
         mixed = not isinstance(spec, LayerQuantSpec)
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
                 label, cmd, run_file, load_weights = tools[key]
                 record_file = run_file.parent / "bench-record.json"
                 record = benchlib.read_json(record_file) if args.resume else None
-                code = tuner_digest() if key == "sr" else None  # the anchors' code is pinned by their venvs
+                code = sr_code if key == "sr" else None  # the anchors' code is pinned by their venvs
                 if (record is not None and record["cmd"] == cmd and record.get("code") == code
                         and run_file.is_file()):
                     wall = record["wall"]
