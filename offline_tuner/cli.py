@@ -219,6 +219,7 @@ def allocation_from_args(args):
 
 def cmd_quantize(args) -> int:
     from offline_tuner.quantize import quantize_checkpoint
+    from offline_tuner.signround import AUTO_CLIP_SEARCH_BITS
 
     config = config_from_args(args)
     allocation = allocation_from_args(args)
@@ -227,8 +228,8 @@ def cmd_quantize(args) -> int:
     method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
     if tune.clip_search == "on":
         method += ", clipping searched first"
-    elif tune.clip_search == "auto" and tune.iters > 0:
-        method += ", clipping of 2-bit layers searched first"
+    elif tune.searches_clipping(AUTO_CLIP_SEARCH_BITS):
+        method += f", clipping of {AUTO_CLIP_SEARCH_BITS}-bit layers searched first"
     what = f"mixed bits to {allocation.avg_bits} per weight" if allocation else config.default.short_name()
     log(f"quantizing {model} -> {args.out} ({what}, {method})")
     events, json_log = event_sinks(args)
