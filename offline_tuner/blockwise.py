@@ -202,7 +202,7 @@ def _tune_each_block(model, source, plan, settings, writer, work, memory, device
         weights = {n: block.get_parameter(n) for n in params}
         experts = {n: p for n, p in weights.items() if p.dim() == 3}
         counter = ExpertTokenCounter(block, experts)
-        searched = [n for n, lps in params.items() if settings.searches_clipping(lps[0].spec.bits)]
+        searched = [n for n, lps in params.items() if settings.searches_clipping(lps[0].spec)]
         energy = InputEnergy(block, searched if i >= work.done_blocks else [])
         try:
             fp_finite = run_block_in_place(block, streams.fp, kwargs, settings.batch_size, autocast)  # the targets

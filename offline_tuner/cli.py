@@ -95,8 +95,8 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="start the min/max clipping factors from a per-group grid search (importance: each input "
                         "channel's mean squared activation) instead of 1.0, for every layer; with --iters 0, "
-                        "clipping by the search alone (default: searched for 2-bit layers when tuning, so "
-                        "--iters 0 stays round-to-nearest; --no-clip-search: never)")
+                        "clipping by the search alone (default: searched for 2-bit layers and symmetric layers of up to 4 "
+                        "bits when tuning, so --iters 0 stays round-to-nearest; --no-clip-search: never)")
     p.add_argument("--loss", choices=["mse", "token-normalized"],
                    help="tuning objective: each token's error relative to its own size (token-normalized, "
                         "default), so a few huge activations do not dominate, or mse over all values")
@@ -219,17 +219,22 @@ def allocation_from_args(args):
 
 def cmd_quantize(args) -> int:
     from offline_tuner.quantize import quantize_checkpoint
-    from offline_tuner.signround import AUTO_CLIP_SEARCH_BITS
+    from offline_tuner.signround import AUTO_CLIP_SEARCH_BITS, AUTO_SYM_CLIP_SEARCH_BITS
 
     config = config_from_args(args)
     allocation = allocation_from_args(args)
     tune, calib = tuning_from_args(args)
     model = resolve_model(args.model)
     method = "round-to-nearest" if tune.iters == 0 else f"SignRound, {tune.iters} iterations per block"
+    searched = sorted({s.short_name() for s in (config.default, *config.layer_overrides.values())
+                       if tune.searches_clipping(s)})
     if tune.clip_search == "on":
         method += ", clipping searched first"
-    elif tune.searches_clipping(AUTO_CLIP_SEARCH_BITS):
-        method += f", clipping of {AUTO_CLIP_SEARCH_BITS}-bit layers searched first"
+    elif allocation and tune.iters:
+        method += (f", clipping searched first for layers of at most {AUTO_CLIP_SEARCH_BITS} bits "
+                   f"(symmetric: {AUTO_SYM_CLIP_SEARCH_BITS})")
+    elif searched:
+        method += f", clipping of the {', '.join(searched)} layers searched first"
     what = f"mixed bits to {allocation.avg_bits} per weight" if allocation else config.default.short_name()
     log(f"quantizing {model} -> {args.out} ({what}, {method})")
     events, json_log = event_sinks(args)

@@ -116,33 +116,67 @@ def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_el
     return q, torch.cat(scales), (torch.cat(zeros) if zeros[0] is not None else None)
 
 
+# Clipping factors the search tries: the same factor on a group's max and min, 1.0 = plain min/max. With an
+# asymmetric grid a factor above 1 only widens the range past the data, so the search only clips.
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0, 0.95, ..., 0.5
+# The symmetric grid is lopsided: the value of largest magnitude maps exactly onto -2^(bits-1), while the
+# other side reaches only 2^(bits-1) - 1 steps, so in a group whose opposite extreme is nearly as large, that
+# extreme is clipped. There a larger scale (factor above 1) can be the better trade, so symmetric layers
+# search 0.5 to 1.5 coarsely and then refine each group around its best coarse point. Chosen on the selection
+# texts (benchmarks/results/quality-selection-symsearch-*.md).
+SYM_CLIP_GRID = tuple(0.5 + 0.1 * i for i in range(11))  # 0.5, 0.6, ..., 1.5
+SYM_CLIP_REFINE = tuple(0.01 * i for i in range(-5, 6) if i)  # offsets from the best coarse factor
+# Bounds of the tuned clipping factors (SignRound's signed steps keep them inside).
+CLIP_FACTOR_MIN = 0.0
+SYM_CLIP_FACTOR_MAX = 1.5
+
+
+def clip_factor_max(spec: LayerQuantSpec) -> float:
+    """Largest clipping factor a layer of `spec` may use: 1.0 asymmetric, SYM_CLIP_FACTOR_MAX symmetric."""
+    return SYM_CLIP_FACTOR_MAX if spec.sym else 1.0
+
+
+def _weighted_error(chunk, spec, ratio, h, groups, g):
+    deq = quantize_weight(chunk, spec, None, ratio, ratio)[0]
+    return ((chunk - deq).reshape(-1, groups, g) ** 2 * h).sum(-1)
 
 
 @torch.no_grad()
 def search_clipping(w: torch.Tensor, spec: LayerQuantSpec, importance: torch.Tensor | None = None,
-                    grid: tuple[float, ...] = CLIP_GRID, max_elements: int = 1 << 22) -> torch.Tensor:
-    """Per group, the clipping factor (applied to both the group's max and min) of `grid` whose
-    round-to-nearest error sum_k importance_k * (w_k - q(w)_k)^2 is smallest; ties keep the larger factor,
-    so 1.0 (plain min/max) wins unless clipping helps. w: [N, K]; importance: [K] (for example the mean
-    squared input of each channel) or None (all 1). Returns [N, K // G] float32."""
+                    grid: tuple[float, ...] | None = None, refine: tuple[float, ...] | None = None,
+                    max_elements: int = 1 << 22) -> torch.Tensor:
+    """Per group, the clipping factor (applied to both the group's max and min) whose round-to-nearest error
+    sum_k importance_k * (w_k - q(w)_k)^2 is smallest: first over `grid` (ties keep the factor tried first,
+    largest first, but 1.0 before any factor above it, so plain min/max wins unless another factor is strictly
+    better), then over the group's best grid factor plus each offset in `refine`. Defaults: CLIP_GRID and no
+    refinement for asymmetric layers, SYM_CLIP_GRID and SYM_CLIP_REFINE for symmetric ones. w: [N, K];
+    importance: [K] (for example the mean squared input of each channel) or None (all 1).
+    Returns [N, K // G] float32 within [CLIP_FACTOR_MIN, clip_factor_max(spec)]."""
+    if grid is None:
+        grid = SYM_CLIP_GRID if spec.sym else CLIP_GRID
+    if refine is None:
+        refine = SYM_CLIP_REFINE if spec.sym else ()
     n, k = w.shape
     g = spec.effective_group_size(k)
+    groups = k // g
     h = (importance.float().to(w.device) if importance is not None else torch.ones(k, device=w.device))
-    h = h.reshape(1, k // g, g)
-    best = torch.ones(n, k // g, device=w.device)
+    h = h.reshape(1, groups, g)
+    low, high = CLIP_FACTOR_MIN, clip_factor_max(spec)
+    order = sorted((float(r) for r in grid), key=lambda r: (r != 1.0, -r))
+    best = torch.ones(n, groups, device=w.device)
     rows = max(1, max_elements // k)
     for start in range(0, n, rows):
         chunk = w[start:start + rows].float()
-        best_err = None
-        for r in sorted(grid, reverse=True):
-            ratio = torch.full((chunk.shape[0], k // g), r, device=w.device)
-            deq = quantize_weight(chunk, spec, None, ratio, ratio)[0]
-            err = ((chunk - deq).reshape(-1, k // g, g) ** 2 * h).sum(-1)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best[start:start + rows][better] = r
+        chosen = torch.full((chunk.shape[0], groups), order[0], device=w.device)
+        best_err = _weighted_error(chunk, spec, chosen, h, groups, g)
+        candidates = [torch.full_like(chosen, min(max(r, low), high)) for r in order[1:]]
+        for round_ in (candidates, refine):
+            base = chosen.clone()
+            for cand in round_:
+                ratio = cand if isinstance(cand, torch.Tensor) else (base + cand).clamp(low, high)
+                err = _weighted_error(chunk, spec, ratio, h, groups, g)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                chosen = torch.where(better, ratio, chosen)
+        best[start:start + rows] = chosen
     return best

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from signround_vllm.format import LayerQuantSpec
 from offline_tuner.compiling import COMPILE_CHOICES, CompiledOrEager
 from offline_tuner.fake_quant import FrozenWeight, fake_quantize
-from offline_tuner.quant_core import quantize_weight_to_ints, search_clipping
+from offline_tuner.quant_core import CLIP_FACTOR_MIN, clip_factor_max, quantize_weight_to_ints, search_clipping
 
 Progress = Callable[[str], None]
 
@@ -34,11 +34,14 @@ Progress = Callable[[str], None]
 STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSSES = ("mse", "token_normalized")
 CLIP_SEARCH_CHOICES = ("auto", "on", "off")
-# clip_search "auto" searches layers of at most this many bits. Chosen on the selection texts, never the
-# evaluation texts (benchmarks/results/quality-selection-sym-w2g64-{base,clip}.md, -tokennorm{,-clip}.md):
-# at 2 bits the search lowered perplexity on both texts, by 1-3% at G32 and 22-35% at G64 (both seeds); at
-# 3 bits it was about 2% better on one text and 2% worse on the other.
+# clip_search "auto" searches layers of at most AUTO_CLIP_SEARCH_BITS bits, and symmetric layers of at most
+# AUTO_SYM_CLIP_SEARCH_BITS. Chosen on the selection texts, never the evaluation texts
+# (benchmarks/results/quality-selection-sym-w2g64-{base,clip}.md, -tokennorm{,-clip}.md, -symsearch-*.md): at
+# 2 bits the search lowered perplexity on both texts, by 1-3% at G32 and 22-35% at G64 (both seeds); at 3
+# bits asymmetric it was about 2% better on one text and 2% worse on the other; symmetric layers, with
+# their own grid that also tries factors above 1 (quant_core.SYM_CLIP_GRID), gained on both texts.
 AUTO_CLIP_SEARCH_BITS = 2
+AUTO_SYM_CLIP_SEARCH_BITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,9 @@ class TuneSettings:
     stream_dtype: str = "float32"
     # Start the clipping factors from a per-group search (quant_core.search_clipping, weighted by each input
     # channel's mean squared activation) instead of 1.0: "on" for every layer (with iters 0 the search alone
-    # then decides the clipping), "off", or "auto" = only layers of at most AUTO_CLIP_SEARCH_BITS bits, and
-    # only when tuning (so iters 0 stays round-to-nearest). See searches_clipping.
+    # then decides the clipping), "off", or "auto" = only layers of at most AUTO_CLIP_SEARCH_BITS bits (or
+    # symmetric ones of at most AUTO_SYM_CLIP_SEARCH_BITS), and only when tuning (so iters 0 stays
+    # round-to-nearest). See searches_clipping.
     clip_search: str = "auto"
     # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
     # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
@@ -95,10 +99,11 @@ class TuneSettings:
         one on calibration data, and each result is checked against round-to-nearest)."""
         return self.iters > 0 or self.clip_search == "on"
 
-    def searches_clipping(self, bits: int) -> bool:
-        """Whether a layer of `bits` bits starts from the clipping search (see clip_search)."""
+    def searches_clipping(self, spec: LayerQuantSpec) -> bool:
+        """Whether a layer quantized as `spec` starts from the clipping search (see clip_search)."""
         if self.clip_search == "auto":
-            return self.iters > 0 and bits <= AUTO_CLIP_SEARCH_BITS
+            limit = AUTO_SYM_CLIP_SEARCH_BITS if spec.sym else AUTO_CLIP_SEARCH_BITS
+            return self.iters > 0 and spec.bits <= limit
         return self.clip_search == "on"
 
     @property
@@ -236,9 +241,10 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     weights = {name: FrozenWeight.of(p, specs[name]) for name, p in params.items()}
     tunables = {name: LayerTunables.initial(p, specs[name], device, clip=search_clipping(
                     p.detach().float().reshape(-1, p.shape[-1]), specs[name], (importance or {}).get(name))
-                    if settings.searches_clipping(specs[name].bits) else None) for name, p in params.items()}
+                    if settings.searches_clipping(specs[name]) else None) for name, p in params.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
+    clip_high = {id(c): clip_factor_max(specs[name]) for name, t in tunables.items() for c in (t.max_scale, t.min_scale)}
     n_all = inputs.shape[0]
     if settings.holdout and settings.holdout >= n_all:
         raise ValueError(f"holdout={settings.holdout} leaves none of the {n_all} calibration windows for tuning")
@@ -274,7 +280,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
             if is_offset:
                 p.clamp_(-0.5, 0.5)
             else:
-                p.clamp_(0.0, 1.0)
+                p.clamp_(CLIP_FACTOR_MIN, clip_high[id(p)])
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in trained]

@@ -85,10 +85,21 @@ def test_round_to_nearest_in_row_chunks_equals_the_whole_matrix(spec):
     assert (z is None and zc is None) or torch.equal(zc.to(torch.int64), z)
 
 
-@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, 64, True), LayerQuantSpec(4, -1, False)],
-                         ids=str)
+def _group_errors(w, spec, importance, factors):
+    """{factor: weighted round-to-nearest error of the single group w [1, G] clipped by factor}."""
+    errors = {}
+    for f in factors:
+        deq = quantize_weight(w, spec, None, torch.tensor([[f]]), torch.tensor([[f]]))[0]
+        errors[f] = float((((w - deq) ** 2) * importance).sum())
+    return errors
+
+
+@pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(3, 64, True), LayerQuantSpec(4, -1, False),
+                                  LayerQuantSpec(4, 32, True)], ids=str)
 def test_clipping_search_picks_each_groups_best_grid_point(spec):
-    from offline_tuner.quant_core import CLIP_GRID, search_clipping
+    """Asymmetric: the best of CLIP_GRID. Symmetric: the best of SYM_CLIP_GRID, then of that point plus each
+    SYM_CLIP_REFINE offset; checked group by group with an independent loop."""
+    from offline_tuner.quant_core import CLIP_GRID, SYM_CLIP_GRID, SYM_CLIP_REFINE, search_clipping
 
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(5, 128, generator=gen) * torch.rand(5, 128, generator=gen) ** 3  # heavy tails: clipping helps
@@ -96,18 +107,38 @@ def test_clipping_search_picks_each_groups_best_grid_point(spec):
     importance[:16] = 0.0  # channels that never see input do not count
     chosen = search_clipping(w, spec, importance, max_elements=256)  # several row chunks
     g = spec.effective_group_size(128)
-    for r in range(5):  # independent loop: every grid point, each group's weighted error
+    grid = SYM_CLIP_GRID if spec.sym else CLIP_GRID
+    for r in range(5):
         for j in range(128 // g):
             cols = slice(j * g, (j + 1) * g)
-            errors = {}
-            for f in CLIP_GRID:
-                deq = quantize_weight(w[r:r + 1, cols], spec, None, torch.tensor([[f]]), torch.tensor([[f]]))[0]
-                errors[f] = float((((w[r:r + 1, cols] - deq) ** 2) * importance[cols]).sum())
+            errors = _group_errors(w[r:r + 1, cols], spec, importance[cols], grid)
+            coarse = min(errors, key=errors.get)
+            if spec.sym:
+                errors.update(_group_errors(w[r:r + 1, cols], spec, importance[cols],
+                                            [min(max(coarse + d, 0.0), 1.5) for d in SYM_CLIP_REFINE]))
             best = min(errors.values())
-            picked = min(CLIP_GRID, key=lambda f: abs(f - float(chosen[r, j])))
-            assert abs(picked - float(chosen[r, j])) < 1e-6
-            assert errors[picked] <= best * (1 + 1e-5) + 1e-12, (r, j, picked, errors)
+            picked = float(chosen[r, j])
+            assert min(abs(picked - f) for f in errors) < 1e-5, (r, j, picked)
+            own = _group_errors(w[r:r + 1, cols], spec, importance[cols], [picked])[picked]
+            assert own <= best * (1 + 1e-5) + 1e-12, (r, j, picked, own, best)
     assert (chosen < 1.0).any()  # on heavy-tailed weights some group clips
+
+
+def test_symmetric_clipping_search_widens_a_group_whose_extremes_are_alike():
+    """A symmetric group with +1 and -0.99 as extremes (zeros otherwise): scale 1/4 (3 bits) maps -0.99 past
+    the top level +3, so the search picks a factor above 1 and lowers the error; asymmetric layers, where a
+    factor above 1 only widens the range past the data, search within [0.5, 1]."""
+    from offline_tuner.quant_core import SYM_CLIP_FACTOR_MAX, search_clipping
+
+    w = torch.zeros(1, 32)
+    w[0, :2] = torch.tensor([1.0, -0.99])
+    ones = torch.ones(32)
+    sym, asym = LayerQuantSpec(3, 32, True), LayerQuantSpec(3, 32, False)
+    f = float(search_clipping(w, sym)[0, 0])
+    assert 1.0 < f <= SYM_CLIP_FACTOR_MAX
+    err = _group_errors(w, sym, ones, [1.0, f])
+    assert err[f] < err[1.0]
+    assert 0.5 <= float(search_clipping(torch.randn(16, 64), asym).max()) <= 1.0
 
 
 def test_clipping_search_over_the_plain_grid_is_round_to_nearest():
@@ -115,6 +146,7 @@ def test_clipping_search_over_the_plain_grid_is_round_to_nearest():
 
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
     assert torch.equal(search_clipping(w, LayerQuantSpec(3, 32, False), grid=(1.0,)), torch.ones(4, 2))
+    assert torch.equal(search_clipping(w, LayerQuantSpec(3, 32, True), grid=(1.0,), refine=()), torch.ones(4, 2))
 
 
 def _fake_quant_case(spec: LayerQuantSpec, n: int, k: int, seed: int):

@@ -80,8 +80,40 @@ def test_tuned_block_beats_rounding_on_real_activations():
     for n, t in result.tunables.items():
         assert t.rounding_offset.abs().max() <= 0.5 and t.rounding_offset.abs().max() > 0
         for clip in (t.max_scale, t.min_scale):
-            assert clip.min() >= 0 and clip.max() <= 1
+            assert clip.min() >= 0 and clip.max() <= 1  # asymmetric layers never widen their range
         assert torch.equal(weights[n], before[n])  # the block's own weights are untouched
+
+
+def test_tuned_clipping_factors_stay_in_their_bounds():
+    """Signed steps keep asymmetric clipping factors in [0, 1] and let symmetric ones go above 1, up to
+    SYM_CLIP_FACTOR_MAX: in rows whose extremes are +a and -0.99a (zeros otherwise), the 3-bit symmetric grid
+    clips -0.99a to -0.75a, and widening the scale is what lowers the loss."""
+    from offline_tuner.quant_core import SYM_CLIP_FACTOR_MAX
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.zeros(32, 2, 32)  # [rows, groups, group size]: one +1 and one -0.99 in each group
+    first = torch.randint(0, 31, (32, 2), generator=gen)
+    w.scatter_(2, first.unsqueeze(-1), 1.0)
+    w.scatter_(2, first.unsqueeze(-1) + 1, -0.99)
+    w = w.reshape(32, 64)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 64, bias=False))
+    with torch.no_grad():
+        block[0].weight.copy_(w)
+        block[1].weight.copy_(w.T.contiguous() * 0.5)
+    x = torch.randn(8, 16, 64, generator=gen)
+    with torch.no_grad():
+        targets = block(x)
+    weights = {f"{i}.weight": block[i].weight for i in range(2)}
+    specs = {"0.weight": LayerQuantSpec(3, 32, True), "1.weight": LayerQuantSpec(3, 32, False)}
+    settings = TuneSettings(iters=10, batch_size=4, bf16_autocast=False, clip_search="off")
+    result = tune_block(block, weights, specs, x, targets, {}, settings, 0)
+    sym, asym = result.tunables["0.weight"], result.tunables["1.weight"]
+    for clip in (asym.max_scale, asym.min_scale):
+        assert clip.min() >= 0 and clip.max() <= 1
+    factors = torch.cat([sym.max_scale.flatten(), sym.min_scale.flatten()])
+    assert factors.min() >= 0 and factors.max() <= SYM_CLIP_FACTOR_MAX
+    assert factors.max() > 1, factors
+    assert result.final_tuned_loss < result.final_rtn_loss
 
 
 class Interrupt(Exception):
@@ -214,15 +246,18 @@ def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text,
     assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith(".scales"))
 
 
-def test_clipping_search_by_default_only_for_two_bit_layers_when_tuning(tiny_with_text, tmp_path, monkeypatch):
-    """clip_search "auto" (default): the 2-bit layers of a tuned run start from the searched clipping, the
-    others from 1.0; with no iterations nothing is searched; "on" / "off" search every layer / none."""
+def test_clipping_search_by_default_for_two_bit_and_symmetric_layers_when_tuning(tiny_with_text, tmp_path, monkeypatch):
+    """clip_search "auto" (default): the 2-bit layers and the symmetric layers of up to 4 bits of a tuned run
+    start from the searched clipping, the others from 1.0; with no iterations nothing is searched; "on" /
+    "off" search every layer / none."""
     import offline_tuner.signround as sr
 
     assert TuneSettings().clip_search == "auto"
-    assert [TuneSettings(iters=i, clip_search=c).searches_clipping(b)
-            for i, c, b in [(5, "auto", 2), (5, "auto", 3), (0, "auto", 2), (0, "on", 4), (5, "off", 2)]] == \
-        [True, False, False, True, False]
+    assert [TuneSettings(iters=i, clip_search=c).searches_clipping(LayerQuantSpec(b, 32, sym))
+            for i, c, b, sym in [(5, "auto", 2, False), (5, "auto", 3, False), (5, "auto", 3, True), (5, "auto", 4, True),
+                                 (5, "auto", 8, True), (0, "auto", 2, False), (0, "auto", 3, True), (0, "on", 4, False),
+                                 (5, "off", 2, False), (5, "off", 3, True)]] == \
+        [True, False, True, True, False, False, False, True, False, False]
     with pytest.raises(ValueError, match="clip_search='yes'"):
         TuneSettings(clip_search="yes")
     searched: list[int] = []
