@@ -169,14 +169,18 @@ def search_clipping(w: torch.Tensor, spec: LayerQuantSpec, importance: torch.Ten
         chunk = w[start:start + rows].float()
         chosen = torch.full((chunk.shape[0], groups), order[0], device=w.device)
         best_err = _weighted_error(chunk, spec, chosen, h, groups, g)
-        candidates = [torch.full_like(chosen, min(max(r, low), high)) for r in order[1:]]
-        for round_ in (candidates, refine):
-            base = chosen.clone()
-            for cand in round_:
-                ratio = cand if isinstance(cand, torch.Tensor) else (base + cand).clamp(low, high)
-                err = _weighted_error(chunk, spec, ratio, h, groups, g)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                chosen = torch.where(better, ratio, chosen)
+
+        def keep_if_better(ratio):
+            nonlocal chosen, best_err
+            err = _weighted_error(chunk, spec, ratio, h, groups, g)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            chosen = torch.where(better, ratio, chosen)
+
+        for r in order[1:]:
+            keep_if_better(torch.full_like(chosen, min(max(r, low), high)))
+        coarse = chosen  # torch.where makes new tensors, so refining does not move this
+        for offset in refine:
+            keep_if_better((coarse + offset).clamp(low, high))
         best[start:start + rows] = chosen
     return best
