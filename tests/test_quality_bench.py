@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from offline_tuner.quantize import Calibration
@@ -123,3 +124,39 @@ def test_tuner_digest_follows_the_tuner_source_only(tmp_path, monkeypatch):
     tuner = tmp_path / "offline_tuner" / "signround.py"
     tuner.write_text(tuner.read_text().replace('clip_search: str = "auto"', 'clip_search: str = "off"'))
     assert quality.tuner_digest() != first
+
+
+def write_quality_report(folder: Path, name: str, date: str, command: str, runs: list[dict]) -> Path:
+    import json
+
+    (folder / f"{name}.md").write_text(f"# Quality\n\nMachine: x. Date: {date}; wall time 1 min.\nCommand: `{command}`\n")
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"runs": runs, "iters": 40, "batch_size": 4, "calibration": [32, 256]}))
+    return path
+
+
+def served_run(setting: str, seed: int, **tools: float) -> dict:
+    """A run whose every tool has the same perplexity on each text."""
+    return {"name": setting, "seed": seed,
+            "served": {k: {"perplexity": {t: v for t in ("wiki", "news", "docs")}} for k, v in tools.items()}}
+
+
+def test_summary_takes_the_newest_report_and_checks_each_target(tmp_path):
+    spec = importlib.util.spec_from_file_location("quality_summary", REPO / "benchmarks" / "quality_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    cmd = "python benchmarks/quality.py --settings W3G32sym"
+    old = write_quality_report(tmp_path, "old", "2026-12-01 10:00", cmd,
+                               [served_run("W3G32sym", 42, rtn=60.0, sr=30.0, autoround=28.0, gptq=90.0)])
+    new = write_quality_report(tmp_path, "new", "2026-12-02 10:00", cmd,
+                               [served_run("W3G32sym", 42, rtn=60.0, sr=25.0, **{"autoround-ext": 24.0})])
+    out = tmp_path / "summary.md"
+    assert summary.main([str(new), str(old), "--out", str(out)]) == 0  # order given does not matter: dates do
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| W3G32sym | wiki |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:9] == ["60.00", "25.00", "28.00", "24.00", "-", "90.00", "-"]  # SignRound from the newer
+    assert cells[9] == ("below RTN; 0.89x auto-round; NOT below alg-ext (+4.2%); below GPTQ/AWQ")
+    ablation = write_quality_report(tmp_path, "abl", "2026-12-03 10:00", cmd + ' --signround-args="--iters 0"',
+                                    [served_run("W3G32sym", 42, sr=1.0)])
+    with pytest.raises(SystemExit, match="ablation"):
+        summary.main([str(ablation)])
