@@ -162,6 +162,20 @@ def median_and_spread(values: list[float]) -> tuple[float, float] | None:
     return median, ((values[-1] - values[0]) / median if median else 0.0)
 
 
+def mean_of(values) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_perplexity(run: dict, tool: str, text: str, served: bool) -> float | None:
+    """One tool's perplexity of one text in a run of benchmarks/quality.py (a row of its report's "runs"):
+    as served by vLLM (when measured) or by transformers."""
+    if served:
+        return run.get("served", {}).get(tool, {}).get("perplexity", {}).get(text)
+    return run.get(tool, {}).get(text)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Lines of a pipe table (cells may not hold '|': it is replaced by '/')."""
     clean = lambda cells: "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"  # noqa: E731

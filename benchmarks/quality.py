@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import benchlib  # noqa: E402
-from benchmarks.benchlib import machine, run_logged, write_report  # noqa: E402
+from benchmarks.benchlib import machine, mean_of, run_logged, run_perplexity, write_report  # noqa: E402
 from signround_vllm.checkpoint import dequantized_state_dict  # noqa: E402
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig, bits_per_weight  # noqa: E402
 from offline_tuner.default_model import cache_root, prepare_default_model  # noqa: E402
@@ -407,18 +407,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _ppl(row: dict, key: str, text: str, served: bool):
-    """A run's perplexity of one text: as served by vLLM (when measured) or by transformers."""
-    if served:
-        return row.get("served", {}).get(key, {}).get("perplexity", {}).get(text)
-    return row.get(key, {}).get(text)
-
-
 def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seconds) -> str:
     anchors = [k for k in ANCHORS if any(k in r for r in rows)]
     labels = {"sr": "SignRound", **{k: ANCHORS[k].label for k in anchors}}
@@ -457,19 +445,20 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
         group = [r for r in rows if r["name"] == name]
         for text in base:
             b = served_base["perplexity"][text] if served else base[text]
-            rtn = _ppl(group[0], "rtn", text, served)
-            means = {k: _mean([_ppl(r, k, text, served) for r in group]) for k in labels}
+            rtn = run_perplexity(group[0], "rtn", text, served)
+            means = {k: mean_of([run_perplexity(r, k, text, served) for r in group]) for k in labels}
             sr = means["sr"]
             closed = f"{(rtn - sr) / (rtn - b) * 100:.0f}%" if sr is not None and rtn > b else "-"
             versus = [f"{(sr / means[k] - 1) * 100:+.1f}%" if sr is not None and means[k] is not None else "-"
                       for k in anchors]
-            bpw = _mean([r.get("bits_per_weight") for r in group])
+            bpw = mean_of([r.get("bits_per_weight") for r in group])
             lines.append(f"| {name} | {fmt(bpw) if bpw is None else f'{bpw:.3f}'} | {text} | {b:.2f} | {fmt(rtn)} | "
                          + " | ".join(fmt(v) for v in means.values()) + f" | {closed} |"
                          + "".join(f" {v} |" for v in versus))
     if served:  # the served figures against transformers on the same weights
         pairs = [(served_base["perplexity"][t], base[t]) for t in base]
-        pairs += [(_ppl(r, k, t, True), _ppl(r, k, t, False)) for r in rows for k in ("rtn", *labels) for t in base]
+        pairs += [(run_perplexity(r, k, t, True), run_perplexity(r, k, t, False))
+                  for r in rows for k in ("rtn", *labels) for t in base]
         worst = max(abs(s / t - 1) for s, t in pairs if s is not None and t is not None)
         lines += ["", f"Check: served perplexities differ from transformers' on the same bf16 weights by at most "
                       f"{worst * 100:.2f}% over all {sum(s is not None for s, _ in pairs)} figures."]
@@ -484,7 +473,7 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
             if k in r:
                 bits = r.get("bits_per_weight") if k == "sr" else r.get(f"{k}_bits", r.get("bits_per_weight"))
                 lines.append(f"| {r['name']} | {r['seed']} | {label} | {fmt(bits) if bits is None else f'{bits:.3f}'} | "
-                             + " | ".join(fmt(_ppl(r, k, t, served)) for t in texts) + " |")
+                             + " | ".join(fmt(run_perplexity(r, k, t, served)) for t in texts) + " |")
     lines += ["", "## Tuning cost", "",
               "Tool time: SignRound's own figure covers model load, calibration, tuning and packing; the other tools' "
               "cover calibration and quantization (their model is loaded before the clock starts). Process: wall time "
@@ -497,7 +486,7 @@ def render(args, argv, base, served_base, rows, calib, iters, batch, loads, seco
     ratio = lambda x, y: f"{x / y:.2f}" if x is not None and y else "-"  # noqa: E731
     for name in names:
         group = [r for r in rows if r["name"] == name]
-        cost = {k: {m: _mean([r.get(f"{k}_run", {}).get(m) for r in group])
+        cost = {k: {m: mean_of([r.get(f"{k}_run", {}).get(m) for r in group])
                     for m in ("seconds", "wall", "peak_rss_bytes")} for k in labels}
         for k, label in labels.items():
             c, sr = cost[k], cost["sr"]

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.benchlib import write_report  # noqa: E402
+from benchmarks.benchlib import markdown_table, mean_of, run_perplexity, write_report  # noqa: E402
 
 TOOLS = {"rtn": "RTN", "sr": "SignRound", "autoround": "auto-round", "autoround-ext": "alg-ext",
          "autoscheme": "AutoScheme", "gptq": "GPTQ", "awq": "AWQ"}
@@ -49,9 +49,9 @@ def read_report(path: Path) -> dict:
 
 
 def served(run: dict, tool: str) -> dict | None:
-    """A tool's served perplexities in one run (None where the tool did not run or was not served)."""
-    found = run.get("served", {}).get(tool, {}).get("perplexity")
-    return found if found and all(t in found for t in TEXTS) else None
+    """A tool's served perplexity of each text in one run (None where the tool did not run or was not served)."""
+    found = {text: run_perplexity(run, tool, text, served=True) for text in TEXTS}
+    return found if None not in found.values() else None
 
 
 def collect(reports: list[dict]) -> dict:
@@ -67,17 +67,8 @@ def collect(reports: list[dict]) -> dict:
     return table
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
-
-
-def setting_bits(setting: str) -> float | None:
-    m = re.match(r"W(\d)G", setting) or re.match(r"mixed([\d.]+)", setting)
-    return float(m[1]) if m else None
 
 
 def targets(setting: str, text: str, means: dict) -> list[str]:
@@ -85,8 +76,7 @@ def targets(setting: str, text: str, means: dict) -> list[str]:
     sr, out = means["sr"], []
     if "rtn" in means:
         out.append(("below RTN" if sr < means["rtn"] else "NOT below RTN"))
-    bits = setting_bits(setting) or 4
-    if bits < 4 and not setting.startswith("mixed"):
+    if re.match(r"W[23]G", setting):  # uniform 2 or 3 bits; 4 bits and mixed settings: no worse than any
         if "autoround" in means:
             r = sr / means["autoround"]
             out.append(f"{r:.2f}x auto-round" + ("" if r <= 0.95 else " (target 0.95: missed)"))
@@ -112,23 +102,20 @@ def render(table: dict, reports: list[dict], argv: list[str]) -> str:
              "Targets (issue 12): below RTN everywhere; at 2-3 bits at most 0.95x auto-round and at most alg-ext; "
              "below GPTQ and AWQ; at 4 bits and for mixed settings no worse than any other tool.", ""]
     for recipe in sorted({k[0] for k in table}):
-        lines += [f"## {RECIPE_NAMES.get(recipe, 'iters %d, %d x %d windows, batch %d' % recipe)}", "",
-                  "| setting | text | " + " | ".join(TOOLS.values()) + " | targets |",
-                  "|---|---|" + "---|" * len(TOOLS) + "---|"]
-        notes = []
+        rows, notes = [], []
         for (rec, setting), by_tool in sorted(table.items(), key=lambda kv: kv[0][1]):
             if rec != recipe or "sr" not in by_tool:
                 continue
             seeds = {tool: sorted(runs) for tool, runs in by_tool.items()}
             for text in TEXTS:
-                means = {tool: mean([runs[s][0][text] for s in runs]) for tool, runs in by_tool.items()}
+                means = {tool: mean_of([ppl[text] for ppl, _ in runs.values()]) for tool, runs in by_tool.items()}
                 cells = [("-" if tool not in means else fmt(means[tool])
                           + ("" if seeds[tool] == seeds["sr"] else f" ({len(seeds[tool])})")) for tool in TOOLS]
-                lines.append(f"| {setting} | {text} | " + " | ".join(cells) + " | "
-                             + "; ".join(targets(setting, text, means)) + " |")
+                rows.append([setting, text, *cells, "; ".join(targets(setting, text, means))])
             sources = sorted({src for runs in by_tool.values() for _, src in runs.values()})
             notes.append(f"- {setting}: seeds {', '.join(map(str, seeds['sr']))}; from {', '.join(sources)}")
-        lines += ["", *notes, ""]
+        lines += [f"## {RECIPE_NAMES.get(recipe, 'iters %d, %d x %d windows, batch %d' % recipe)}", "",
+                  *markdown_table(["setting", "text", *TOOLS.values(), "targets"], rows), "", *notes, ""]
     lines.append("Tool times and memory: each report's tuning-cost table, where the tools ran side by side.")
     return "\n".join(lines)
 

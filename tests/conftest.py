@@ -23,13 +23,13 @@ def _pin_xdist_worker() -> None:
     itself and every process it starts (vLLM engines, `signround quantize`). Unpinned, two workers' OpenMP
     threads and the vLLM engines that bind to a core of their own choosing crowd each other: a test of 8 s
     in one process took 98 s, and the suite gained only 10% from the second worker (29% pinned)."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0))
     if not worker or not count or not hasattr(os, "sched_setaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
-    mine = cores[int(worker.removeprefix("gw")) % int(count)::int(count)]
-    if len(cores) < int(count) or not mine:
+    if len(cores) < count:
         return  # fewer cores than workers: leave the scheduler to it
+    mine = cores[int(worker.removeprefix("gw")) % count::count]
     os.sched_setaffinity(0, mine)
     os.environ["OMP_NUM_THREADS"] = str(len(mine))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))

@@ -1,5 +1,6 @@
 """Tier 1: the quality benchmark's selection texts never share a token with the calibration windows."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,6 @@ def test_report_means_served_figures_over_seeds_for_every_tool():
 def test_resume_serves_again_only_the_tool_runs_redone(tmp_path, monkeypatch):
     """--resume reuses served perplexities by folder; a folder whose tool run was redone in this call
     (for example with other tuner options) must be measured again, the others not."""
-    import json
-
     quality = load_quality()
     served_calls = []
 
@@ -127,8 +126,6 @@ def test_tuner_digest_follows_the_tuner_source_only(tmp_path, monkeypatch):
 
 
 def write_quality_report(folder: Path, name: str, date: str, command: str, runs: list[dict]) -> Path:
-    import json
-
     (folder / f"{name}.md").write_text(f"# Quality\n\nMachine: x. Date: {date}; wall time 1 min.\nCommand: `{command}`\n")
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"runs": runs, "iters": 40, "batch_size": 4, "calibration": [32, 256]}))
