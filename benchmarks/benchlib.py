@@ -260,7 +260,7 @@ class Measured:
 
 def run_measured(cmd: list[str], log_path: Path, timeout_s: float, memory_cap_bytes: int | None = None,
                  enough: Callable[[str], bool] | None = None, env: dict | None = None,
-                 poll_s: float = 0.05) -> Measured:
+                 poll_s: float = 0.05, cwd: Path | None = None) -> Measured:
     """Run cmd (output to log_path), measuring peak memory of its process tree; see module doc."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -269,7 +269,7 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float, memory_cap_by
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
 
         def pump():
             for line in proc.stdout:

@@ -157,3 +157,36 @@ def test_summary_takes_the_newest_report_and_checks_each_target(tmp_path):
                                     [served_run("W3G32sym", 42, sr=1.0)])
     with pytest.raises(SystemExit, match="ablation"):
         summary.main([str(ablation)])
+
+
+def load_tuning_speed():
+    spec = importlib.util.spec_from_file_location("tuning_speed_bench", REPO / "benchmarks" / "tuning_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_speed_runs_a_trees_tuner_and_compares_each_round_with_its_own_autoround(tmp_path):
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    speed = load_tuning_speed()
+    # A baseline tree's tuner is the one imported, not the venv's editable install of this checkout.
+    (tmp_path / "offline_tuner").mkdir()
+    (tmp_path / "offline_tuner" / "__init__.py").write_text("")
+    where = subprocess.run([sys.executable, "-c", "import offline_tuner; print(offline_tuner.__file__)"],
+                           cwd=tmp_path, env=speed.tree_env(tmp_path), capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).parent == tmp_path / "offline_tuner"
+    assert speed.per_block_seconds({"blocks": [{"seconds": s} for s in (9.0, 3.0, 1.0, 2.0)]}) == (9.0, 2.0)
+
+    def run(rnd, tuner, tool):
+        return {"round": rnd, "tuner": tuner, "tool_seconds": tool, "wall": tool + 5, "peak_rss_bytes": 2**30,
+                "first_block": None, "median_block": None}
+    runs = [run(1, "SignRound abc", 50.0), run(1, "auto-round 0.16.1", 100.0),
+            run(2, "auto-round 0.16.1", 200.0), run(2, "SignRound abc", 50.0)]
+    args = SimpleNamespace(bits=3, group_size=64, sym=False, seed=42)
+    report = speed.render(args, ["--rounds", "2"], runs, SimpleNamespace(n_samples=32, seq_len=256), 40, 4,
+                          SimpleNamespace(describe=lambda: "load 1.0"))
+    rows = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r.split(" | ")[7] for r in rows] == ["0.50", "1.00", "1.00", "0.25"]

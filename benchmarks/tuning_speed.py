@@ -1,0 +1,187 @@
+"""Tuning speed: whole SignRound runs of this checkout (and of an older commit) against auto-round, side by side.
+
+Each round runs every tuner once, one after the other, on the very same calibration windows and settings;
+rounds alternate who goes first. Reported per run: the tool's own time, the process's wall time and peak
+RSS, and SignRound's seconds per block (from its run log). Ratios are to auto-round in the same round, so
+they stay meaningful on a machine whose speed drifts.
+
+    python benchmarks/tuning_speed.py --bits 3 --group-size 64 --recipe cpu-demo --baseline e38f1df \
+        --rounds 2 --out benchmarks/results/tuning-speed-cpu-2.md
+
+--baseline REV runs `python -m offline_tuner.cli` from a detached worktree of that commit (made once under
+--work), with this checkout's venv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import benchlib  # noqa: E402
+from benchmarks.benchlib import write_report  # noqa: E402
+from offline_tuner.default_model import cache_root  # noqa: E402
+
+
+def log(msg: str) -> None:
+    benchlib.log("tuning-speed", msg)
+
+
+def baseline_tree(rev: str, work: Path) -> tuple[Path, str]:
+    """A detached worktree of `rev` under `work` (reused), and the commit it resolved to."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"--baseline {rev}: not a commit of this repository ({commit.stderr.strip()})")
+    sha = commit.stdout.strip()
+    tree = work / f"tree-{sha[:10]}"
+    if not (tree / "offline_tuner").is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(tree), sha], check=True,
+                       capture_output=True)
+    return tree, sha
+
+
+def tree_env(tree: Path) -> dict:
+    """The environment that makes `python -m offline_tuner.cli` import the tuner of `tree`, ahead of the venv's
+    editable install of this checkout."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+def per_block_seconds(run: dict) -> tuple[float | None, float | None]:
+    """(first block, median of the others) from a SignRound run log's blocks."""
+    secs = [b["seconds"] for b in run.get("blocks", [])]
+    if not secs:
+        return None, None
+    return secs[0], (statistics.median(secs[1:]) if len(secs) > 1 else None)
+
+
+def main(argv=None) -> int:
+    from offline_tuner.default_model import prepare_default_model
+    from offline_tuner.quantize import RECIPES, Calibration, calibration_windows
+    from benchmarks.quality import ensure_autoround_venv
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--recipe", default="cpu-demo", choices=list(RECIPES))
+    p.add_argument("--iters", type=int, help="override the recipe's iterations per block (every tuner)")
+    p.add_argument("--n-samples", type=int, help="override the recipe's calibration windows")
+    p.add_argument("--seq-len", type=int, help="override the recipe's tokens per window")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--baseline", help="also time the tuner of this git commit (a worktree under --work)")
+    p.add_argument("--signround-args", default="", help="extra arguments for this checkout's SignRound runs")
+    p.add_argument("--autoround", action=argparse.BooleanOptionalAction, default=True,
+                   help="time PyPI auto-round 0.16.1 too (its own venv, as benchmarks/quality.py makes it)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", help="also write the markdown report to this .md file (and its numbers, .json)")
+    p.add_argument("--work", default=str(cache_root() / "bench-tuning-speed"))
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+
+    tune, calib = RECIPES[args.recipe]
+    iters = args.iters if args.iters is not None else tune.iters
+    batch = args.batch_size or tune.batch_size
+    calib = Calibration(args.n_samples or calib.n_samples, args.seq_len or calib.seq_len)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_default_model(progress=log)
+    calib_file = work / f"calibration-seed{args.seed}.pt"
+    torch.save(calibration_windows(model_dir, calib, args.seed), calib_file)
+    setting = ["--bits", str(args.bits), "--group-size", str(args.group_size), *(["--sym"] if args.sym else [])]
+    sr_args = [*setting, "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
+               "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(args.seed)]
+
+    # label -> (command, working directory, the run log it writes, relative to its --out)
+    tuners: dict[str, tuple[list[str], Path, str]] = {}
+    if args.baseline:
+        tree, sha = baseline_tree(args.baseline, work)
+        tuners[f"SignRound {sha[:7]}"] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir),
+                                           "--overwrite", *sr_args], tree, "signround_run.json")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "offline_tuner", "signround_vllm"],
+                           capture_output=True, text=True).stdout.strip()
+    this = f"SignRound {head}{' + changes' if dirty else ''}"
+    tuners[this] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir), "--overwrite", *sr_args,
+                     *args.signround_args.split()], REPO, "signround_run.json")
+    if args.autoround:
+        tuners["auto-round 0.16.1"] = ([str(ensure_autoround_venv()), str(REPO / "benchmarks" / "autoround_driver.py"),
+                                        str(model_dir), "--calibration", str(calib_file), *setting, "--iters", str(iters),
+                                        "--batch-size", str(batch), "--seed", str(args.seed)], REPO, "run.json")
+
+    loads, runs = benchlib.LoadWatch(), []
+    for r in range(args.rounds):
+        order = list(tuners) if r % 2 == 0 else list(tuners)[::-1]
+        for label in order:
+            cmd, cwd, run_log = tuners[label]
+            out_dir = work / f"out-{len(runs)}"
+            log(f"round {r + 1}: {label}")
+            loads.sample()
+            env = tree_env(cwd) if run_log == "signround_run.json" else None
+            measured = benchlib.run_measured([*cmd, "--out", str(out_dir)], work / "logs" / f"{out_dir.name}.log",
+                                             args.timeout, env=env, cwd=cwd)
+            loads.sample()
+            if not measured.ok:
+                raise SystemExit(f"{label} failed (exit {measured.returncode}, {measured.stopped or 'no stop'}); "
+                                 f"see {work / 'logs' / (out_dir.name + '.log')}")
+            run = json.loads((out_dir / run_log).read_text())
+            first, median = per_block_seconds(run)
+            runs.append({"round": r + 1, "tuner": label, "tool_seconds": run["seconds"], "wall": measured.seconds,
+                         "peak_rss_bytes": measured.peak_rss_bytes, "first_block": first, "median_block": median})
+            log(f"{label}: tool {run['seconds']:.1f} s, process {measured.seconds:.1f} s")
+
+    report = render(args, argv, runs, calib, iters, batch, loads)
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        write_report(out.parent, out.stem, report, {"machine": benchlib.machine_info(("torch", "transformers")),
+                                                    "runs": runs, "iters": iters, "batch_size": batch,
+                                                    "calibration": [calib.n_samples, calib.seq_len]})
+    return 0
+
+
+def render(args, argv, runs, calib, iters, batch, loads) -> str:
+    secs = lambda v: f"{v:.1f} s" if v is not None else ""  # noqa: E731
+    rows = []
+    for run in runs:
+        anchor = next((a for a in runs if a["round"] == run["round"] and a["tuner"].startswith("auto-round")), None)
+        ratio = f"{run['tool_seconds'] / anchor['tool_seconds']:.2f}" if anchor else ""
+        wall_ratio = f"{run['wall'] / anchor['wall']:.2f}" if anchor else ""
+        rows.append([str(run["round"]), run["tuner"], secs(run["tool_seconds"]), secs(run["wall"]),
+                     secs(run["first_block"]), secs(run["median_block"]), f"{run['peak_rss_bytes'] / 2**30:.2f} GiB",
+                     ratio, wall_ratio])
+    command = "python benchmarks/tuning_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    setting = f"W{args.bits}G{args.group_size}{'sym' if args.sym else 'asym'}"
+    return "\n".join([
+        f"# Tuning speed: SignRound against auto-round 0.16.1, side by side",
+        "",
+        f"Machine: {benchlib.machine(('torch', 'transformers'))}; {loads.describe()}. "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Command: `{command}`",
+        f"Setting: {setting}, {iters} iterations per block, {calib.n_samples} x {calib.seq_len} calibration tokens "
+        f"(the same windows for every tuner, seed {args.seed}), batch {batch}. Rounds alternate who goes first.",
+        "Tool time: SignRound's own figure (model load, calibration, tuning, packing, writing); auto-round's covers "
+        "calibration and tuning (its driver loads the model before the clock starts). Process: wall time of the "
+        "whole process, Python start and imports included. Blocks: SignRound's seconds per block from its run log "
+        "(tuning, packing and writing one block), the first and the median of the others.",
+        "",
+        *benchlib.markdown_table(["round", "tuner", "tool time", "process", "first block", "median block",
+                                  "peak RSS", "tool time / auto-round's", "process / auto-round's"], rows),
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
