@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.benchlib import markdown_table, mean_of, run_perplexity, write_report  # noqa: E402
+from signround_vllm.format import LayerQuantSpec, bits_per_weight  # noqa: E402
 
 TOOLS = {"rtn": "RTN", "sr": "SignRound", "autoround": "auto-round", "autoround-ext": "alg-ext",
          "autoscheme": "AutoScheme", "gptq": "GPTQ", "awq": "AWQ"}
@@ -71,8 +72,18 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
 
 
-def targets(setting: str, text: str, means: dict) -> list[str]:
-    """The issue's targets for one text, each as met or missed (only where the anchor ran)."""
+def storage_cost(setting: str) -> float | None:
+    """Stored bits per weight, scales and zero points included: a uniform setting's (W3G64asym: 3.375), a
+    mixed setting's budget (mixed2.75: 2.75); None for a name of neither form."""
+    if setting.startswith("mixed"):
+        return float(setting[len("mixed"):])
+    m = re.fullmatch(r"W(\d)G(\d+)(a?sym)", setting)
+    return bits_per_weight(LayerQuantSpec(int(m[1]), int(m[2]), m[3] == "sym"), int(m[2])) if m else None
+
+
+def targets(setting: str, text: str, means: dict, uniform: dict[str, float] | None = None) -> list[str]:
+    """The issue's targets for one text, each as met or missed (only where the anchor ran). uniform: for a
+    mixed setting, SignRound's mean on this text at each uniform setting of the same recipe, by name."""
     sr, out = means["sr"], []
     if "rtn" in means:
         out.append(("below RTN" if sr < means["rtn"] else "NOT below RTN"))
@@ -87,6 +98,13 @@ def targets(setting: str, text: str, means: dict) -> list[str]:
         for tool in ("autoround", "autoround-ext", "autoscheme"):
             if tool in means:
                 out.append(f"{'at most' if sr <= means[tool] else 'ABOVE'} {TOOLS[tool]}")
+    if setting.startswith("mixed") and uniform:
+        cost = storage_cost(setting)
+        cheaper = {name: ppl for name, ppl in uniform.items() if storage_cost(name) <= cost}
+        beaten = [name for name, ppl in sorted(cheaper.items()) if sr >= ppl]
+        if cheaper:
+            out.append(f"below every uniform setting of at most {cost:g} bits ({', '.join(sorted(cheaper))})"
+                       if not beaten else f"NOT below uniform {', '.join(beaten)}")
     worse = [TOOLS[t] for t in ("gptq", "awq") if t in means and sr >= means[t]]
     if any(t in means for t in ("gptq", "awq")):
         out.append("below GPTQ/AWQ" if not worse else f"NOT below {'/'.join(worse)}")
@@ -100,7 +118,8 @@ def render(table: dict, reports: list[dict], argv: list[str]) -> str:
              "overlap, the newest one's runs are used). Means over the seeds each tool ran (the count in brackets "
              "where it is not the same for all tools). `wiki` is in domain, `news` and `docs` out of domain. "
              "Targets (issue 12): below RTN everywhere; at 2-3 bits at most 0.95x auto-round and at most alg-ext; "
-             "below GPTQ and AWQ; at 4 bits and for mixed settings no worse than any other tool.", ""]
+             "below GPTQ and AWQ; at 4 bits and for mixed settings no worse than any other tool; mixed settings below "
+             "SignRound at every uniform setting of the same recipe that stores at most as many bits per weight.", ""]
     for recipe in sorted({k[0] for k in table}):
         rows, notes = [], []
         for (rec, setting), by_tool in sorted(table.items(), key=lambda kv: kv[0][1]):
@@ -111,7 +130,10 @@ def render(table: dict, reports: list[dict], argv: list[str]) -> str:
                 means = {tool: mean_of([ppl[text] for ppl, _ in runs.values()]) for tool, runs in by_tool.items()}
                 cells = [("-" if tool not in means else fmt(means[tool])
                           + ("" if seeds[tool] == seeds["sr"] else f" ({len(seeds[tool])})")) for tool in TOOLS]
-                rows.append([setting, text, *cells, "; ".join(targets(setting, text, means))])
+                uniform = {name: mean_of([ppl[text] for ppl, _ in tools["sr"].values()])
+                           for (r, name), tools in table.items()
+                           if r == recipe and "sr" in tools and not name.startswith("mixed")}
+                rows.append([setting, text, *cells, "; ".join(targets(setting, text, means, uniform))])
             sources = sorted({src for runs in by_tool.values() for _, src in runs.values()})
             notes.append(f"- {setting}: seeds {', '.join(map(str, seeds['sr']))}; from {', '.join(sources)}")
         lines += [f"## {RECIPE_NAMES.get(recipe, 'iters %d, %d x %d windows, batch %d' % recipe)}", "",

@@ -153,6 +153,16 @@ def test_summary_takes_the_newest_report_and_checks_each_target(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:9] == ["60.00", "25.00", "28.00", "24.00", "-", "90.00", "-"]  # SignRound from the newer
     assert cells[9] == ("below RTN; 0.89x auto-round; NOT below alg-ext (+4.2%); below GPTQ/AWQ")
+    # A mixed setting against SignRound's uniform settings of the same recipe that store at most its bits.
+    mixed = write_quality_report(tmp_path, "mixed", "2026-12-02 11:00", "python benchmarks/quality.py",
+                                 [served_run("mixed3.5", 42, rtn=40.0, sr=26.0, autoscheme=27.0),
+                                  served_run("W3G64asym", 42, rtn=50.0, sr=27.0),
+                                  served_run("W4G64asym", 42, rtn=22.0, sr=21.0)])
+    assert summary.main([str(new), str(mixed), "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| mixed3.5 | wiki |"))
+    assert row.strip("|").split("|")[-1].strip() == "below RTN; at most AutoScheme; NOT below uniform W3G32sym"
+    assert summary.targets("mixed3.5", "wiki", {"sr": 26.0}, {"W3G64asym": 27.0, "W4G64asym": 21.0}) == [
+        "below every uniform setting of at most 3.5 bits (W3G64asym)"]
     ablation = write_quality_report(tmp_path, "abl", "2026-12-03 10:00", cmd + ' --signround-args="--iters 0"',
                                     [served_run("W3G32sym", 42, sr=1.0)])
     with pytest.raises(SystemExit, match="ablation"):
