@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.benchlib import markdown_table, mean_of, run_perplexity, write_report  # noqa: E402
+from benchmarks.quality import setting as parse_setting  # noqa: E402
 from signround_vllm.format import LayerQuantSpec, bits_per_weight  # noqa: E402
 
 TOOLS = {"rtn": "RTN", "sr": "SignRound", "autoround": "auto-round", "autoround-ext": "alg-ext",
@@ -72,13 +73,11 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 1000 else f"{x:.2f}"
 
 
-def storage_cost(setting: str) -> float | None:
-    """Stored bits per weight, scales and zero points included: a uniform setting's (W3G64asym: 3.375), a
-    mixed setting's budget (mixed2.75: 2.75); None for a name of neither form."""
-    if setting.startswith("mixed"):
-        return float(setting[len("mixed"):])
-    m = re.fullmatch(r"W(\d)G(\d+)(a?sym)", setting)
-    return bits_per_weight(LayerQuantSpec(int(m[1]), int(m[2]), m[3] == "sym"), int(m[2])) if m else None
+def storage_cost(setting: str) -> float:
+    """Stored bits per weight, scales and zero points included, of a setting of benchmarks/quality.py: a
+    uniform setting's (W3G64asym: 3.375), a mixed setting's budget (mixed2.75: 2.75)."""
+    spec = parse_setting(setting)
+    return bits_per_weight(spec, spec.group_size) if isinstance(spec, LayerQuantSpec) else spec.avg_bits
 
 
 def targets(setting: str, text: str, means: dict, uniform: dict[str, float] | None = None) -> list[str]:
@@ -122,6 +121,9 @@ def render(table: dict, reports: list[dict], argv: list[str]) -> str:
              "SignRound at every uniform setting of the same recipe that stores at most as many bits per weight.", ""]
     for recipe in sorted({k[0] for k in table}):
         rows, notes = [], []
+        uniform = {text: {name: mean_of([ppl[text] for ppl, _ in tools["sr"].values()])
+                          for (r, name), tools in table.items()
+                          if r == recipe and "sr" in tools and not name.startswith("mixed")} for text in TEXTS}
         for (rec, setting), by_tool in sorted(table.items(), key=lambda kv: kv[0][1]):
             if rec != recipe or "sr" not in by_tool:
                 continue
@@ -130,10 +132,7 @@ def render(table: dict, reports: list[dict], argv: list[str]) -> str:
                 means = {tool: mean_of([ppl[text] for ppl, _ in runs.values()]) for tool, runs in by_tool.items()}
                 cells = [("-" if tool not in means else fmt(means[tool])
                           + ("" if seeds[tool] == seeds["sr"] else f" ({len(seeds[tool])})")) for tool in TOOLS]
-                uniform = {name: mean_of([ppl[text] for ppl, _ in tools["sr"].values()])
-                           for (r, name), tools in table.items()
-                           if r == recipe and "sr" in tools and not name.startswith("mixed")}
-                rows.append([setting, text, *cells, "; ".join(targets(setting, text, means, uniform))])
+                rows.append([setting, text, *cells, "; ".join(targets(setting, text, means, uniform[text]))])
             sources = sorted({src for runs in by_tool.values() for _, src in runs.values()})
             notes.append(f"- {setting}: seeds {', '.join(map(str, seeds['sr']))}; from {', '.join(sources)}")
         lines += [f"## {RECIPE_NAMES.get(recipe, 'iters %d, %d x %d windows, batch %d' % recipe)}", "",

@@ -103,33 +103,32 @@ def main(argv=None) -> int:
     sr_args = [*setting, "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
                "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(args.seed)]
 
-    # label -> (command, working directory, the run log it writes, relative to its --out)
-    tuners: dict[str, tuple[list[str], Path, str]] = {}
+    # label -> (command, working directory, environment (None: this one), the run log it writes in its --out)
+    tuners: dict[str, tuple[list[str], Path, dict | None, str]] = {}
     if args.baseline:
         tree, sha = baseline_tree(args.baseline, work)
         tuners[f"SignRound {sha[:7]}"] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir),
-                                           "--overwrite", *sr_args], tree, "signround_run.json")
+                                           "--overwrite", *sr_args], tree, tree_env(tree), "signround_run.json")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "offline_tuner", "signround_vllm"],
                            capture_output=True, text=True).stdout.strip()
     this = f"SignRound {head}{' + changes' if dirty else ''}"
     tuners[this] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir), "--overwrite", *sr_args,
-                     *args.signround_args.split()], REPO, "signround_run.json")
+                     *args.signround_args.split()], REPO, tree_env(REPO), "signround_run.json")
     if args.autoround:
         tuners["auto-round 0.16.1"] = ([str(ensure_autoround_venv()), str(REPO / "benchmarks" / "autoround_driver.py"),
                                         str(model_dir), "--calibration", str(calib_file), *setting, "--iters", str(iters),
-                                        "--batch-size", str(batch), "--seed", str(args.seed)], REPO, "run.json")
+                                        "--batch-size", str(batch), "--seed", str(args.seed)], REPO, None, "run.json")
 
     loads, runs = benchlib.LoadWatch(), []
     for r in range(args.rounds):
         order = list(tuners) if r % 2 == 0 else list(tuners)[::-1]
         for label in order:
-            cmd, cwd, run_log = tuners[label]
+            cmd, cwd, env, run_log = tuners[label]
             out_dir = work / f"out-{len(runs)}"
             log(f"round {r + 1}: {label}")
             loads.sample()
-            env = tree_env(cwd) if run_log == "signround_run.json" else None
             measured = benchlib.run_measured([*cmd, "--out", str(out_dir)], work / "logs" / f"{out_dir.name}.log",
                                              args.timeout, env=env, cwd=cwd)
             loads.sample()
