@@ -34,14 +34,16 @@ Progress = Callable[[str], None]
 STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSSES = ("mse", "token_normalized")
 CLIP_SEARCH_CHOICES = ("auto", "on", "off")
-# clip_search "auto" searches layers of at most AUTO_CLIP_SEARCH_BITS bits, and symmetric layers of at most
-# AUTO_SYM_CLIP_SEARCH_BITS. Chosen on the selection texts, never the evaluation texts
-# (benchmarks/results/quality-selection-sym-w2g64-{base,clip}.md, -tokennorm{,-clip}.md, -symsearch-*.md): at
-# 2 bits the search lowered perplexity on both texts, by 1-3% at G32 and 22-35% at G64 (both seeds); at 3
-# bits asymmetric it was about 2% better on one text and 2% worse on the other; symmetric layers, with
-# their own grid that also tries factors above 1 (quant_core.SYM_CLIP_GRID), gained on both texts.
-AUTO_CLIP_SEARCH_BITS = 2
-AUTO_SYM_CLIP_SEARCH_BITS = 4
+# clip_search "auto" searches asymmetric layers of AUTO_CLIP_SEARCH_BITS bits and symmetric layers of
+# AUTO_SYM_CLIP_SEARCH_BITS bits. Chosen on the selection texts, never the evaluation texts
+# (benchmarks/results/quality-selection-sym-w2g64-{base,clip}.md, -tokennorm{,-clip}.md, -symsearch-*.md,
+# -*-w4g64asym-{base,clip}.md): at 2 bits the search lowered perplexity on both texts, by 1-3% at G32 and
+# 22-35% at G64 (both seeds); at 3 bits asymmetric it was about 2% better on one text and 2% worse on the
+# other; at 4 bits asymmetric 0.3-1.6% lower on three of the four means of two seeds (two recipes, two
+# texts) and level on the fourth; symmetric layers, with their own grid that also tries factors above 1
+# (quant_core.SYM_CLIP_GRID), gained on both texts.
+AUTO_CLIP_SEARCH_BITS = (2, 4)
+AUTO_SYM_CLIP_SEARCH_BITS = (2, 3, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +63,9 @@ class TuneSettings:
     stream_dtype: str = "float32"
     # Start the clipping factors from a per-group search (quant_core.search_clipping, weighted by each input
     # channel's mean squared activation) instead of 1.0: "on" for every layer (with iters 0 the search alone
-    # then decides the clipping), "off", or "auto" = only layers of at most AUTO_CLIP_SEARCH_BITS bits (or
-    # symmetric ones of at most AUTO_SYM_CLIP_SEARCH_BITS), and only when tuning (so iters 0 stays
-    # round-to-nearest). See searches_clipping.
+    # then decides the clipping), "off", or "auto" = only layers of AUTO_CLIP_SEARCH_BITS bits (symmetric
+    # ones: AUTO_SYM_CLIP_SEARCH_BITS), and only when tuning (so iters 0 stays round-to-nearest).
+    # See searches_clipping.
     clip_search: str = "auto"
     # Calibration windows held back from tuning: each block's tuned weights are kept only if they beat
     # round-to-nearest on these (0: judged on a batch of the tuning windows themselves).
@@ -102,8 +104,8 @@ class TuneSettings:
     def searches_clipping(self, spec: LayerQuantSpec) -> bool:
         """Whether a layer quantized as `spec` starts from the clipping search (see clip_search)."""
         if self.clip_search == "auto":
-            limit = AUTO_SYM_CLIP_SEARCH_BITS if spec.sym else AUTO_CLIP_SEARCH_BITS
-            return self.iters > 0 and spec.bits <= limit
+            bits = AUTO_SYM_CLIP_SEARCH_BITS if spec.sym else AUTO_CLIP_SEARCH_BITS
+            return self.iters > 0 and spec.bits in bits
         return self.clip_search == "on"
 
     @property

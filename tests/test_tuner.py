@@ -247,17 +247,17 @@ def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text,
 
 
 def test_clipping_search_by_default_for_two_bit_and_symmetric_layers_when_tuning(tiny_with_text, tmp_path, monkeypatch):
-    """clip_search "auto" (default): the 2-bit layers and the symmetric layers of up to 4 bits of a tuned run
-    start from the searched clipping, the others from 1.0; with no iterations nothing is searched; "on" /
-    "off" search every layer / none."""
+    """clip_search "auto" (default): the asymmetric layers of 2 or 4 bits and the symmetric layers of 2 to 4
+    bits of a tuned run start from the searched clipping, the others from 1.0; with no iterations nothing is
+    searched; "on" / "off" search every layer / none."""
     import offline_tuner.signround as sr
 
     assert TuneSettings().clip_search == "auto"
     assert [TuneSettings(iters=i, clip_search=c).searches_clipping(LayerQuantSpec(b, 32, sym))
-            for i, c, b, sym in [(5, "auto", 2, False), (5, "auto", 3, False), (5, "auto", 3, True), (5, "auto", 4, True),
-                                 (5, "auto", 8, True), (0, "auto", 2, False), (0, "auto", 3, True), (0, "on", 4, False),
-                                 (5, "off", 2, False), (5, "off", 3, True)]] == \
-        [True, False, True, True, False, False, False, True, False, False]
+            for i, c, b, sym in [(5, "auto", 2, False), (5, "auto", 3, False), (5, "auto", 4, False), (5, "auto", 8, False),
+                                 (5, "auto", 3, True), (5, "auto", 4, True), (5, "auto", 8, True), (0, "auto", 2, False),
+                                 (0, "auto", 3, True), (0, "on", 4, False), (5, "off", 2, False), (5, "off", 3, True)]] == \
+        [True, False, True, False, True, True, False, False, False, True, False, False]
     with pytest.raises(ValueError, match="clip_search='yes'"):
         TuneSettings(clip_search="yes")
     searched: list[int] = []
