@@ -95,8 +95,9 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="start the min/max clipping factors from a per-group grid search (importance: each input "
                         "channel's mean squared activation) instead of 1.0, for every layer; with --iters 0, "
-                        "clipping by the search alone (default: searched for 2-bit layers and symmetric layers of up to 4 "
-                        "bits when tuning, so --iters 0 stays round-to-nearest; --no-clip-search: never)")
+                        "clipping by the search alone (default: searched for asymmetric layers of 2 or 4 bits and "
+                        "symmetric layers of 2 to 4 bits when tuning, so --iters 0 stays round-to-nearest; "
+                        "--no-clip-search: never)")
     p.add_argument("--loss", choices=["mse", "token-normalized"],
                    help="tuning objective: each token's error relative to its own size (token-normalized, "
                         "default), so a few huge activations do not dominate, or mse over all values")
