@@ -232,9 +232,8 @@ def cmd_quantize(args) -> int:
     if tune.clip_search == "on":
         method += ", clipping searched first"
     elif allocation and tune.iters:
-        bits = lambda choices: " or ".join(map(str, choices))  # noqa: E731
-        method += (f", clipping searched first for layers of {bits(AUTO_CLIP_SEARCH_BITS)} bits "
-                   f"(symmetric: {bits(AUTO_SYM_CLIP_SEARCH_BITS)})")
+        method += (f", clipping searched first for layers of {' or '.join(map(str, AUTO_CLIP_SEARCH_BITS))} bits "
+                   f"(symmetric: {' or '.join(map(str, AUTO_SYM_CLIP_SEARCH_BITS))})")
     elif searched:
         method += f", clipping of the {', '.join(searched)} layers searched first"
     what = f"mixed bits to {allocation.avg_bits} per weight" if allocation else config.default.short_name()

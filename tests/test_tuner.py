@@ -246,7 +246,7 @@ def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text,
     assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith(".scales"))
 
 
-def test_clipping_search_by_default_for_two_bit_and_symmetric_layers_when_tuning(tiny_with_text, tmp_path, monkeypatch):
+def test_clipping_search_by_default_for_the_chosen_bit_widths_when_tuning(tiny_with_text, tmp_path, monkeypatch):
     """clip_search "auto" (default): the asymmetric layers of 2 or 4 bits and the symmetric layers of 2 to 4
     bits of a tuned run start from the searched clipping, the others from 1.0; with no iterations nothing is
     searched; "on" / "off" search every layer / none."""
