@@ -108,6 +108,16 @@ def log(msg: str) -> None:
     benchlib.log("quality", msg)
 
 
+def anchor_command(key: str, python: Path, model_dir: Path, out_dir: Path, calib_file: Path, target: list[str],
+                   iters: int, batch: int, seed: int, sym: bool) -> list[str]:
+    """The command that runs anchor `key` through its driver with its venv's `python`. target: the setting's
+    driver arguments (--bits/--group-size, or --avg-bits/--options for the mixed settings)."""
+    anchor = ANCHORS[key]
+    tuning = ["--iters", str(iters), "--batch-size", str(batch)] if anchor.tunes else []
+    return [str(python), str(REPO / "benchmarks" / anchor.driver), str(model_dir), *anchor.args, "--out", str(out_dir),
+            "--calibration", str(calib_file), *target, *tuning, "--seed", str(seed), *(["--sym"] if sym else [])]
+
+
 def perplexities(model, windows: dict) -> dict:
     return {name: perplexity_of_model(model, w) for name, w in windows.items()}
 
@@ -346,15 +356,13 @@ def main(argv=None) -> int:
                 "--stream-dtype", args.stream_dtype, *args.signround_args.split()],
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             for key in [k for k in anchors if ANCHORS[k].mixed == mixed]:
-                anchor, out_dir = ANCHORS[key], work / f"{key}-{tag}"
-                tuning = ["--iters", str(iters), "--batch-size", str(batch)] if anchor.tunes else []
+                out_dir = work / f"{key}-{tag}"
                 target = (["--avg-bits", str(spec.avg_bits), "--options",
                            ",".join(f"{c.bits}:{c.group_size}" for c in spec.candidates())] if mixed
                           else ["--bits", str(spec.bits), "--group-size", str(spec.group_size)])
-                tools[key] = (anchor.label, [
-                    str(anchor_python[key]), str(REPO / "benchmarks" / anchor.driver), str(model_dir), *anchor.args,
-                    "--out", str(out_dir), "--calibration", str(calib_file), *target, *tuning, "--seed", str(seed),
-                    *(["--sym"] if spec.sym else [])],
+                tools[key] = (ANCHORS[key].label,
+                    anchor_command(key, anchor_python[key], model_dir, out_dir, calib_file, target, iters, batch, seed,
+                                   spec.sym),
                     out_dir / "run.json",
                     lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first

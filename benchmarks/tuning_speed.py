@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ def per_block_seconds(run: dict) -> tuple[float | None, float | None]:
 def main(argv=None) -> int:
     from offline_tuner.default_model import prepare_default_model
     from offline_tuner.quantize import RECIPES, Calibration, calibration_windows
-    from benchmarks.quality import ensure_autoround_venv
+    from benchmarks.quality import anchor_command, ensure_autoround_venv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, default=3)
@@ -99,37 +100,43 @@ def main(argv=None) -> int:
     model_dir = prepare_default_model(progress=log)
     calib_file = work / f"calibration-seed{args.seed}.pt"
     torch.save(calibration_windows(model_dir, calib, args.seed), calib_file)
-    setting = ["--bits", str(args.bits), "--group-size", str(args.group_size), *(["--sym"] if args.sym else [])]
-    sr_args = [*setting, "--recipe", args.recipe, "--iters", str(iters), "--batch-size", str(batch),
-               "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len), "--seed", str(args.seed)]
+    setting = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+    sr_args = [*setting, *(["--sym"] if args.sym else []), "--recipe", args.recipe, "--iters", str(iters),
+               "--batch-size", str(batch), "--n-samples", str(calib.n_samples), "--seq-len", str(calib.seq_len),
+               "--seed", str(args.seed)]
 
-    # label -> (command, working directory, environment (None: this one), the run log it writes in its --out)
-    tuners: dict[str, tuple[list[str], Path, dict | None, str]] = {}
+    # label -> (its command for an --out folder, working directory, environment (None: this one), the run log it
+    # writes in that folder)
+    tuners: dict[str, tuple[Callable[[Path], list[str]], Path, dict | None, str]] = {}
+
+    def signround(extra=()):
+        return lambda out: [sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir), "--out", str(out),
+                            "--overwrite", *sr_args, *extra]
+
     if args.baseline:
         tree, sha = baseline_tree(args.baseline, work)
-        tuners[f"SignRound {sha[:7]}"] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir),
-                                           "--overwrite", *sr_args], tree, tree_env(tree), "signround_run.json")
+        tuners[f"SignRound {sha[:7]}"] = (signround(), tree, tree_env(tree), "signround_run.json")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "offline_tuner", "signround_vllm"],
                            capture_output=True, text=True).stdout.strip()
     this = f"SignRound {head}{' + changes' if dirty else ''}"
-    tuners[this] = ([sys.executable, "-m", "offline_tuner.cli", "quantize", str(model_dir), "--overwrite", *sr_args,
-                     *args.signround_args.split()], REPO, tree_env(REPO), "signround_run.json")
+    tuners[this] = (signround(args.signround_args.split()), REPO, tree_env(REPO), "signround_run.json")
     if args.autoround:
-        tuners["auto-round 0.16.1"] = ([str(ensure_autoround_venv()), str(REPO / "benchmarks" / "autoround_driver.py"),
-                                        str(model_dir), "--calibration", str(calib_file), *setting, "--iters", str(iters),
-                                        "--batch-size", str(batch), "--seed", str(args.seed)], REPO, None, "run.json")
+        python = ensure_autoround_venv()
+        tuners["auto-round 0.16.1"] = (
+            lambda out: anchor_command("autoround", python, model_dir, out, calib_file, setting, iters, batch,
+                                       args.seed, args.sym), REPO, None, "run.json")
 
     loads, runs = benchlib.LoadWatch(), []
     for r in range(args.rounds):
         order = list(tuners) if r % 2 == 0 else list(tuners)[::-1]
         for label in order:
-            cmd, cwd, env, run_log = tuners[label]
+            command_for, cwd, env, run_log = tuners[label]
             out_dir = work / f"out-{len(runs)}"
             log(f"round {r + 1}: {label}")
             loads.sample()
-            measured = benchlib.run_measured([*cmd, "--out", str(out_dir)], work / "logs" / f"{out_dir.name}.log",
+            measured = benchlib.run_measured(command_for(out_dir), work / "logs" / f"{out_dir.name}.log",
                                              args.timeout, env=env, cwd=cwd)
             loads.sample()
             if not measured.ok:
