@@ -88,8 +88,8 @@ def add_quant_args(p: argparse.ArgumentParser, bits=4, group_size=128) -> None:
     p.add_argument("--n-samples", type=int, help="calibration windows")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, help="windows per tuning step")
-    p.add_argument("--lr", type=float, help="rounding-offset step size (default 1/iters, decayed linearly to 0)")
-    p.add_argument("--minmax-lr", type=float, help="clipping-factor step size (default 1/iters)")
+    p.add_argument("--lr", type=float, help="rounding-offset step size (default 1/iters, decayed linearly to 0; half that for layers of at most 3 bits that start from the clipping search)")
+    p.add_argument("--minmax-lr", type=float, help="clipping-factor step size (default as --lr)")
     p.add_argument("--tune-minmax", action=argparse.BooleanOptionalAction, default=True,
                    help="also tune the min/max clipping factors (default on)")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,

@@ -44,16 +44,24 @@ CLIP_SEARCH_CHOICES = ("auto", "on", "off")
 # (quant_core.SYM_CLIP_GRID), gained on both texts.
 AUTO_CLIP_SEARCH_BITS = (2, 4)
 AUTO_SYM_CLIP_SEARCH_BITS = (2, 3, 4)
+# Default steps of the rounding offsets and clipping factors: 1 / iters (the reference algorithm's), decayed
+# linearly to 0, but half that for layers of at most SMALL_STEP_MAX_BITS bits that start from the clipping
+# search: their start is already near a good point. Chosen on the selection texts, never the evaluation texts
+# (benchmarks/results/quality-selection-lr-*.md): half steps were lower on both texts in every run at W3G32 sym
+# (both recipes) and W2G32 asym (cpu-demo), all searched layers, and a wash (2.5% worse on one text, 2.2% better
+# on the other) at W3G64 asym, which starts from plain min/max; twice the step was 8-9% worse at W3G32 sym.
+SMALL_STEP_MAX_BITS = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
-    """How each block is tuned. Defaults follow the reference algorithm."""
+    """How each block is tuned. Defaults follow the reference algorithm except where the selection texts chose
+    otherwise: the loss, the clipping search and the step of searched layers."""
 
     iters: int = 200
     batch_size: int = 8
-    lr: float | None = None  # rounding offset step; None = 1 / iters
-    minmax_lr: float | None = None  # clipping factor step; None = 1 / iters
+    lr: float | None = None  # rounding offset step; None = default_step
+    minmax_lr: float | None = None  # clipping factor step; None = default_step
     tune_minmax: bool = True
     seed: int = 42
     # Run the block's matmuls in bf16 while tuning (CUDA, or a CPU with native bf16); tunables,
@@ -108,13 +116,16 @@ class TuneSettings:
             return self.iters > 0 and spec.bits in bits
         return self.clip_search == "on"
 
-    @property
-    def offset_lr(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+    def default_step(self, spec: LayerQuantSpec) -> float:
+        """Step of a layer quantized as `spec` where lr / minmax_lr are not given (see SMALL_STEP_MAX_BITS)."""
+        step = 1.0 / max(self.iters, 1)
+        return step / 2 if self.searches_clipping(spec) and spec.bits <= SMALL_STEP_MAX_BITS else step
 
-    @property
-    def clip_lr(self) -> float:
-        return self.minmax_lr if self.minmax_lr is not None else 1.0 / max(self.iters, 1)
+    def offset_lr(self, spec: LayerQuantSpec) -> float:
+        return self.lr if self.lr is not None else self.default_step(spec)
+
+    def clip_lr(self, spec: LayerQuantSpec) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.default_step(spec)
 
 
 @dataclasses.dataclass
@@ -247,6 +258,8 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
     clip_high = {id(c): clip_factor_max(specs[name]) for name, t in tunables.items() for c in (t.max_scale, t.min_scale)}
+    step_size = {id(p): (settings.offset_lr if p is t.rounding_offset else settings.clip_lr)(specs[name])
+                 for name, t in tunables.items() for p in t.tensors()}
     n_all = inputs.shape[0]
     if settings.holdout and settings.holdout >= n_all:
         raise ValueError(f"holdout={settings.holdout} leaves none of the {n_all} calibration windows for tuning")
@@ -278,7 +291,7 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         gradients of the whole block are never held together."""
         is_offset = any(p is o for o in offsets)
         with torch.no_grad():
-            p.add_(torch.sign(p.grad), alpha=-(settings.offset_lr if is_offset else settings.clip_lr) * step["decay"])
+            p.add_(torch.sign(p.grad), alpha=-step_size[id(p)] * step["decay"])
             if is_offset:
                 p.clamp_(-0.5, 0.5)
             else:

@@ -246,6 +246,22 @@ def test_clipping_search_alone_clips_and_never_loses_to_rounding(tiny_with_text,
     assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith(".scales"))
 
 
+def test_default_step_is_halved_for_searched_layers_of_at_most_3_bits():
+    """Both steps default to 1 / iters, half that for layers of at most 3 bits that start from the clipping
+    search (chosen on the selection texts); --lr and --minmax-lr override them one at a time, for every layer."""
+    settings = TuneSettings(iters=40)
+    steps = {(b, sym): (settings.offset_lr(LayerQuantSpec(b, 32, sym)), settings.clip_lr(LayerQuantSpec(b, 32, sym)))
+             for b, sym in [(2, False), (3, False), (4, False), (8, False), (3, True), (4, True)]}
+    assert steps == {(2, False): (0.0125, 0.0125), (3, False): (0.025, 0.025), (4, False): (0.025, 0.025),
+                     (8, False): (0.025, 0.025), (3, True): (0.0125, 0.0125), (4, True): (0.025, 0.025)}
+    assert TuneSettings(iters=40, clip_search="off").offset_lr(LayerQuantSpec(2, 32, False)) == 0.025
+    assert TuneSettings(iters=40, clip_search="on").offset_lr(LayerQuantSpec(3, 32, False)) == 0.0125
+    given = TuneSettings(iters=40, lr=0.02, minmax_lr=0.03)
+    assert [(given.offset_lr(LayerQuantSpec(b, 32, False)), given.clip_lr(LayerQuantSpec(b, 32, False)))
+            for b in (2, 4)] == [(0.02, 0.03), (0.02, 0.03)]
+    assert TuneSettings(iters=40, lr=0.02).clip_lr(LayerQuantSpec(2, 32, False)) == 0.0125
+
+
 def test_clipping_search_by_default_for_the_chosen_bit_widths_when_tuning(tiny_with_text, tmp_path, monkeypatch):
     """clip_search "auto" (default): the asymmetric layers of 2 or 4 bits and the symmetric layers of 2 to 4
     bits of a tuned run start from the searched clipping, the others from 1.0; with no iterations nothing is
