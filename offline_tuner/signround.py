@@ -257,9 +257,12 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
                     if settings.searches_clipping(specs[name]) else None) for name, p in params.items()}
     offsets = [t.rounding_offset.requires_grad_() for t in tunables.values()]
     clips = [c.requires_grad_() for t in tunables.values() for c in (t.max_scale, t.min_scale)]
-    clip_high = {id(c): clip_factor_max(specs[name]) for name, t in tunables.items() for c in (t.max_scale, t.min_scale)}
-    step_size = {id(p): (settings.offset_lr if p is t.rounding_offset else settings.clip_lr)(specs[name])
-                 for name, t in tunables.items() for p in t.tensors()}
+    # Each tunable tensor's step and the bounds its signed steps keep it within, by id.
+    step_rule = {}
+    for name, t in tunables.items():
+        step_rule[id(t.rounding_offset)] = (settings.offset_lr(specs[name]), -0.5, 0.5)
+        for c in (t.max_scale, t.min_scale):
+            step_rule[id(c)] = (settings.clip_lr(specs[name]), CLIP_FACTOR_MIN, clip_factor_max(specs[name]))
     n_all = inputs.shape[0]
     if settings.holdout and settings.holdout >= n_all:
         raise ValueError(f"holdout={settings.holdout} leaves none of the {n_all} calibration windows for tuning")
@@ -289,13 +292,10 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
     def signed_step(p: torch.Tensor) -> None:
         """Called by autograd once p's gradient is complete: step p and free the gradient at once, so the
         gradients of the whole block are never held together."""
-        is_offset = any(p is o for o in offsets)
+        size, low, high = step_rule[id(p)]
         with torch.no_grad():
-            p.add_(torch.sign(p.grad), alpha=-step_size[id(p)] * step["decay"])
-            if is_offset:
-                p.clamp_(-0.5, 0.5)
-            else:
-                p.clamp_(CLIP_FACTOR_MIN, clip_high[id(p)])
+            p.add_(torch.sign(p.grad), alpha=-size * step["decay"])
+            p.clamp_(low, high)
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in trained]
