@@ -210,12 +210,22 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def allocation_from_args(args):
     from offline_tuner.allocation import Allocation
+    from offline_tuner.errors import TunerInputError
 
     if getattr(args, "avg_bits", None) is None:
         return None
-    return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), args.sym)
+    if args.sym and args.kind_choices is not None:
+        raise TunerInputError("--sym with --avg-bits means symmetric choices only; leave it out when giving "
+                              "--kind-choices")
+    kinds = ("sym",) if args.sym else args.kind_choices or Allocation.kind_choices
+    return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), tuple(kinds),
+                      args.sensitivity_score)
 
 
 def cmd_quantize(args) -> int:
@@ -294,6 +304,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from offline_tuner.allocation import SCORES, Allocation
+
     parser = argparse.ArgumentParser(prog="signround", description="SignRound quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -334,11 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="average stored bits per quantized weight, scales and zero points included (W3G64 asym "
                             "costs 3.375): each group of layers vLLM fuses gets the setting among the choices below "
                             "that the model's sensitivity favours, within the budget; --bits/--group-size are then "
-                            "ignored, --sym applies to every choice")
+                            "ignored")
     mixed.add_argument("--bit-choices", type=_int_list, default=(2, 3, 4, 8), metavar="B,B,...",
                        help="bit widths to choose from (default 2,3,4,8)")
     mixed.add_argument("--group-choices", type=_int_list, default=(32, 64, 128), metavar="G,G,...",
                        help="group sizes to choose from (default 32,64,128)")
+    mixed.add_argument("--kind-choices", type=_name_list, metavar="K,K,...",
+                       help=f"asym (zero points), sym (none) or both: the kinds to choose from (default "
+                            f"{','.join(Allocation.kind_choices)}; --sym alone means sym)")
+    mixed.add_argument("--sensitivity-score", choices=SCORES, default=Allocation.score,
+                       help="how each layer group is quantized while its sensitivity is measured: start = as "
+                            "tuning starts it (clipping searched where the tuner searches that setting), rtn = "
+                            "round-to-nearest (default %(default)s)")
     add_quant_args(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -100,16 +100,19 @@ def quantize_weight_to_ints(w: torch.Tensor, spec: LayerQuantSpec,
 
 
 @torch.no_grad()
-def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22):
-    """quantize_weight_to_ints with no offsets or clipping (round-to-nearest), a few rows at a time:
-    rows are independent, so the result is the same while the float32 intermediates stay small.
+def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22,
+                                   clip: torch.Tensor | None = None):
+    """quantize_weight_to_ints with no offsets (round-to-nearest) and no clipping or the clipping factors
+    `clip` [N, K // G] on both max and min, a few rows at a time: rows are independent, so the result is the
+    same while the float32 intermediates stay small.
     Returns (q uint8 [N, K], scale float32 [N, K // G], zero uint8 or None)."""
     n, k = w.shape
     rows = max(1, max_elements // k)
     q = torch.empty(n, k, dtype=torch.uint8)
     scales, zeros = [], []
     for start in range(0, n, rows):
-        qc, sc, zc = quantize_weight_to_ints(w[start:start + rows].float(), spec)
+        c = clip[start:start + rows] if clip is not None else None
+        qc, sc, zc = quantize_weight_to_ints(w[start:start + rows].float(), spec, None, c, c)
         q[start:start + rows] = qc.to(torch.uint8)
         scales.append(sc)
         zeros.append(zc.to(torch.uint8) if zc is not None else None)

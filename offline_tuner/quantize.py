@@ -196,7 +196,7 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                                   f"the choice with --keep-unquantized instead")
         # The settings are still to be chosen: this plan only lists the layers, per channel (a setting every
         # layer can be stored with); the candidates that do not fit a layer are set aside by the choice.
-        layers_only = dataclasses.replace(config, default=LayerQuantSpec(4, -1, allocation.sym))
+        layers_only = dataclasses.replace(config, default=LayerQuantSpec(4, -1, False))
         plan = resolve_plan(model, layers_only, tuning=True, layout=layout_in_files)
         outside = plan.layers_outside_blocks()
         if outside:
@@ -280,8 +280,8 @@ def _allocate(model, source, plan, config, allocation, tune, calibration, device
     if progress:
         progress(f"mixed bits: measuring sensitivity to {[s.short_name() for s in candidates]} on {calib.describe()}")
     windows = calibration_windows(source.path, calib, tune.seed)
-    groups = measure_sensitivity(model, source, windows, plan, candidates, device,
-                                 use_bf16_autocast(tune, device), progress)
+    groups = measure_sensitivity(model, source, windows, plan, candidates, device, use_bf16_autocast(tune, device),
+                                 progress, tune.searches_clipping if allocation.score == "start" else lambda s: False)
     config, report = allocated_config(config, groups, allocation)
     if progress:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in report["settings_by_weight_share"].items())
