@@ -9,9 +9,11 @@ Two parts:
 - `measure_sensitivity` (driver): the error of a group at a setting is the error of its decoder block's
   output when only that group is quantized at that setting, on a few calibration windows of the
   full-precision stream (blocks loaded one at a time, as for tuning), relative to the output's own size
-  token by token. The group is quantized as tuning would start it (`Allocation.score`): with the clipping
-  search where the tuner searches that setting, else round-to-nearest. Scored by round-to-nearest alone,
-  symmetric settings, whose search gains most, look worse than they end. Relative, because an error early in the network is carried, and grows, through
+  token by token. Candidates of both kinds, with and without zero points, by default: symmetric settings
+  cost 8 bits less per group, and the choice spends that on more bits where they count (chosen on the
+  selection texts, benchmarks/results/quality-selection-mixed*.md). Scoring each setting from the clipping
+  search where the tuner searches it, instead of plain round-to-nearest, was tried there too: a wash, at
+  twice the sensitivity pass's time, so it was not kept. Relative, because an error early in the network is carried, and grows, through
   every later block while the residual stream itself grows: absolute errors sent SmolLM2-135M's first
   blocks to 2 bits and its 3.5-bit round-to-nearest perplexity to 5354 (uniform W3G64: 57).
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -35,7 +37,6 @@ from offline_tuner.plan import LayerPlan, QuantPlan
 
 WITHIN_BITS = 0.05  # the allocation aims to land this close below the budget
 KINDS = {"asym": False, "sym": True}  # --kind-choices names -> LayerQuantSpec.sym
-SCORES = ("start", "rtn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,7 @@ class Allocation:
     avg_bits: float
     bit_choices: tuple[int, ...] = (2, 3, 4, 8)
     group_choices: tuple[int, ...] = (32, 64, 128)
-    kind_choices: tuple[str, ...] = ("asym",)  # among KINDS: zero points or not
-    # How a group is quantized while its sensitivity is measured: "start" = as tuning starts it (the clipping
-    # search where the tuner searches that setting; round-to-nearest when not tuning), "rtn" = round-to-nearest.
-    score: str = "start"
+    kind_choices: tuple[str, ...] = ("asym", "sym")  # among KINDS: with zero points or without
     n_windows: int = 4  # calibration windows for the sensitivity pass (one block forward per group and setting)
     seq_len: int = 256
 
@@ -58,8 +56,6 @@ class Allocation:
             raise TunerInputError(f"--bit-choices {list(self.bit_choices)}: choose among {list(SUPPORTED_BITS)}")
         if not self.kind_choices or any(k not in KINDS for k in self.kind_choices):
             raise TunerInputError(f"--kind-choices {list(self.kind_choices)}: choose among {list(KINDS)}")
-        if self.score not in SCORES:
-            raise TunerInputError(f"--sensitivity-score {self.score!r}: choose among {list(SCORES)}")
         try:
             return [LayerQuantSpec(b, g, KINDS[k]) for k in dict.fromkeys(self.kind_choices)
                     for b in sorted(set(self.bit_choices)) for g in sorted(set(self.group_choices))]
@@ -189,12 +185,9 @@ def _fill(costs, errors, budget, choice) -> list[int]:
 # ----------------------------------------------------------------------------
 @torch.no_grad()
 def measure_sensitivity(model, source, windows: torch.Tensor, plan: QuantPlan, candidates: list[LayerQuantSpec],
-                        device: torch.device, bf16_autocast: bool, progress: Progress | None = None,
-                        searched: Callable[[LayerQuantSpec], bool] = lambda spec: False) -> list[Group]:
-    """Each group's block-output error at each candidate setting (see module doc). searched(spec): whether a
-    layer of that setting is quantized from the clipping search (weighted by its inputs' energy on these
-    windows, as tuning weights it) instead of plain round-to-nearest."""
-    from offline_tuner.blockwise import InputEnergy, capture_block_calls
+                        device: torch.device, bf16_autocast: bool, progress: Progress | None = None) -> list[Group]:
+    """Each group's block-output error at each candidate setting (see module doc)."""
+    from offline_tuner.blockwise import capture_block_calls
     from offline_tuner.memory import return_freed_memory
     from offline_tuner.model_source import release
     from offline_tuner.signround import block_loss, run_block
@@ -208,12 +201,9 @@ def measure_sensitivity(model, source, windows: torch.Tensor, plan: QuantPlan, c
         block_name, kwargs = blocks.module_name(i), calls.block_kwargs[i]
         params = plan.block_params(i)
         block = source.materialize_module(model, block_name).to(device=device, dtype=torch.float32)
-        energy = InputEnergy(block, list(params) if any(map(searched, candidates)) else [])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
             block_groups, y0 = _fused_groups(block, params, lambda: run_block(block, x[:1], kwargs).float())
             y = torch.cat([y0, *(run_block(block, x[b:b + 1], kwargs).float() for b in range(1, len(x)))])
-            energy.close()
-            importance = energy.means()
             for names in block_groups:
                 layers = tuple(lp for n in names for lp in params[n])
                 options = [s for s in candidates if _fits(s, layers)]
@@ -221,8 +211,7 @@ def measure_sensitivity(model, source, windows: torch.Tensor, plan: QuantPlan, c
                     raise TunerInputError(_nothing_fits(layers[0], candidates))
                 group = Group(layers, options, group_costs(layers, options))
                 for spec in options:
-                    override = {n: _quantized(block.get_parameter(n), spec, importance.get(n) if searched(spec)
-                                              else False) for n in names}
+                    override = {n: _rounded(block.get_parameter(n), spec) for n in names}
                     err = 0.0
                     for b in range(len(x)):
                         out = run_block(block, x[b:b + 1], kwargs, override).float()
@@ -248,15 +237,12 @@ def _fits(spec: LayerQuantSpec, layers: Sequence[LayerPlan]) -> bool:
     return True
 
 
-def _quantized(w: torch.Tensor, spec: LayerQuantSpec, importance: torch.Tensor | None | bool) -> torch.Tensor:
-    """The weights stored at the start of tuning, dequantized: round-to-nearest when `importance` is False,
-    else with the clipping search weighted by `importance` ([K], or None for all 1). Rows are quantized a few
-    at a time, so an expert weight's float32 intermediates stay small."""
-    from offline_tuner.quant_core import round_to_nearest_in_row_chunks, search_clipping
+def _rounded(w: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """The weights round-to-nearest would store, dequantized (rows rounded a few at a time, so an expert
+    weight's float32 intermediates stay small)."""
+    from offline_tuner.quant_core import round_to_nearest_in_row_chunks
 
-    rows = w.reshape(-1, w.shape[-1])
-    clip = None if importance is False else search_clipping(rows, spec, importance)
-    q, scale, zero = round_to_nearest_in_row_chunks(rows, spec, clip=clip)
+    q, scale, zero = round_to_nearest_in_row_chunks(w.reshape(-1, w.shape[-1]), spec)
     rows = dequantize_ints(q.t(), scale.t(), zero.t() if zero is not None else None, spec).t()
     return rows.to(w.dtype).reshape(w.shape)
 

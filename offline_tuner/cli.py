@@ -224,8 +224,7 @@ def allocation_from_args(args):
         raise TunerInputError("--sym with --avg-bits means symmetric choices only; leave it out when giving "
                               "--kind-choices")
     kinds = ("sym",) if args.sym else args.kind_choices or Allocation.kind_choices
-    return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), tuple(kinds),
-                      args.sensitivity_score)
+    return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), tuple(kinds))
 
 
 def cmd_quantize(args) -> int:
@@ -304,7 +303,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from offline_tuner.allocation import SCORES, Allocation
+    from offline_tuner.allocation import Allocation
 
     parser = argparse.ArgumentParser(prog="signround", description="SignRound quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -352,12 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--group-choices", type=_int_list, default=(32, 64, 128), metavar="G,G,...",
                        help="group sizes to choose from (default 32,64,128)")
     mixed.add_argument("--kind-choices", type=_name_list, metavar="K,K,...",
-                       help=f"asym (zero points), sym (none) or both: the kinds to choose from (default "
-                            f"{','.join(Allocation.kind_choices)}; --sym alone means sym)")
-    mixed.add_argument("--sensitivity-score", choices=SCORES, default=Allocation.score,
-                       help="how each layer group is quantized while its sensitivity is measured: start = as "
-                            "tuning starts it (clipping searched where the tuner searches that setting), rtn = "
-                            "round-to-nearest (default %(default)s)")
+                       help=f"asym (with zero points), sym (without) or both: the kinds to choose from "
+                            f"(default {','.join(Allocation.kind_choices)}; --sym alone means sym)")
     add_quant_args(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -100,19 +100,16 @@ def quantize_weight_to_ints(w: torch.Tensor, spec: LayerQuantSpec,
 
 
 @torch.no_grad()
-def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22,
-                                   clip: torch.Tensor | None = None):
-    """quantize_weight_to_ints with no offsets (round-to-nearest) and no clipping or the clipping factors
-    `clip` [N, K // G] on both max and min, a few rows at a time: rows are independent, so the result is the
-    same while the float32 intermediates stay small.
+def round_to_nearest_in_row_chunks(w: torch.Tensor, spec: LayerQuantSpec, max_elements: int = 1 << 22):
+    """quantize_weight_to_ints with no offsets or clipping (round-to-nearest), a few rows at a time:
+    rows are independent, so the result is the same while the float32 intermediates stay small.
     Returns (q uint8 [N, K], scale float32 [N, K // G], zero uint8 or None)."""
     n, k = w.shape
     rows = max(1, max_elements // k)
     q = torch.empty(n, k, dtype=torch.uint8)
     scales, zeros = [], []
     for start in range(0, n, rows):
-        c = clip[start:start + rows] if clip is not None else None
-        qc, sc, zc = quantize_weight_to_ints(w[start:start + rows].float(), spec, None, c, c)
+        qc, sc, zc = quantize_weight_to_ints(w[start:start + rows].float(), spec)
         q[start:start + rows] = qc.to(torch.uint8)
         scales.append(sc)
         zeros.append(zc.to(torch.uint8) if zc is not None else None)
@@ -139,9 +136,16 @@ def clip_factor_max(spec: LayerQuantSpec) -> float:
     return SYM_CLIP_FACTOR_MAX if spec.sym else 1.0
 
 
-def _weighted_error(chunk, spec, ratio, h, groups, g):
-    deq = quantize_weight(chunk, spec, None, ratio, ratio)[0]
-    return ((chunk - deq).reshape(-1, groups, g) ** 2 * h).sum(-1)
+def _weighted_error(w_groups, wmax, wmin, spec, ratio, h):
+    """Per group, sum_k h_k * (w_k - q(w)_k)^2 for round-to-nearest with clipping factors `ratio` [R, groups].
+    The same arithmetic as quantize_weight (so the same integers), in place on one buffer: the search runs this
+    once per grid point, for every layer tuned and every candidate setting of a sensitivity pass."""
+    scale, zero = scales_from_extremes(wmax * ratio, wmin * ratio, spec)
+    zero = (zero if zero is not None else torch.full_like(scale, float(spec.sym_zero_point))).unsqueeze(-1)
+    scale = scale.unsqueeze(-1)
+    x = torch.div(w_groups, scale)
+    x.round_().add_(zero).clamp_(0, spec.max_int).sub_(zero).mul_(scale).sub_(w_groups).square_()
+    return x.mul_(h).sum(-1)
 
 
 @torch.no_grad()
@@ -169,13 +173,14 @@ def search_clipping(w: torch.Tensor, spec: LayerQuantSpec, importance: torch.Ten
     best = torch.ones(n, groups, device=w.device)
     rows = max(1, max_elements // k)
     for start in range(0, n, rows):
-        chunk = w[start:start + rows].float()
+        chunk = w[start:start + rows].float().reshape(-1, groups, g)
+        wmax, wmin = chunk.amax(dim=-1).clamp(min=0), chunk.amin(dim=-1).clamp(max=0)
         chosen = torch.full((chunk.shape[0], groups), order[0], device=w.device)
-        best_err = _weighted_error(chunk, spec, chosen, h, groups, g)
+        best_err = _weighted_error(chunk, wmax, wmin, spec, chosen, h)
 
         def keep_if_better(ratio):
             nonlocal chosen, best_err
-            err = _weighted_error(chunk, spec, ratio, h, groups, g)
+            err = _weighted_error(chunk, wmax, wmin, spec, ratio, h)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             chosen = torch.where(better, ratio, chosen)

@@ -280,8 +280,8 @@ def _allocate(model, source, plan, config, allocation, tune, calibration, device
     if progress:
         progress(f"mixed bits: measuring sensitivity to {[s.short_name() for s in candidates]} on {calib.describe()}")
     windows = calibration_windows(source.path, calib, tune.seed)
-    groups = measure_sensitivity(model, source, windows, plan, candidates, device, use_bf16_autocast(tune, device),
-                                 progress, tune.searches_clipping if allocation.score == "start" else lambda s: False)
+    groups = measure_sensitivity(model, source, windows, plan, candidates, device,
+                                 use_bf16_autocast(tune, device), progress)
     config, report = allocated_config(config, groups, allocation)
     if progress:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in report["settings_by_weight_share"].items())

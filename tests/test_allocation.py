@@ -8,7 +8,7 @@ from offline_tuner.errors import TunerInputError
 from offline_tuner.plan import LayerPlan
 from signround_vllm.format import LayerQuantSpec, bits_per_weight
 
-CANDIDATES = Allocation(3.0).candidates()  # 2/3/4/8 bits x groups 32/64/128, asym
+CANDIDATES = Allocation(3.0, kind_choices=("asym",)).candidates()  # 2/3/4/8 bits x groups 32/64/128, asym
 
 
 def random_instance(rng: random.Random, n_groups: int):
@@ -94,6 +94,10 @@ def test_bad_choices_are_refused():
         Allocation(3.0, bit_choices=(5,)).candidates()
     with pytest.raises(TunerInputError, match="--group-choices"):
         Allocation(3.0, group_choices=(48,)).candidates()
+    with pytest.raises(TunerInputError, match=r"--kind-choices \['asym', 'signed'\]: choose among \['asym', 'sym'\]"):
+        Allocation(3.0, kind_choices=("asym", "signed")).candidates()
+    both = Allocation(3.0, bit_choices=(2, 4), group_choices=(64,)).candidates()
+    assert [s.short_name() for s in both] == ["W2G64asym", "W4G64asym", "W2G64sym", "W4G64sym"]
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +157,9 @@ def test_llama_allocation_keeps_fused_layers_together(tmp_path, default_tokenize
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
             "model.layers.0.self_attn.v_proj"} in groups
     assert {"model.layers.0.self_attn.o_proj"} in groups and {"model.layers.0.mlp.down_proj"} in groups
-    assert all(not name.endswith("G128asym") for g in report["groups"] for name in g["errors"])  # 128 fits nothing
+    names = {name for g in report["groups"] for name in g["errors"]}
+    assert not any("G128" in name for name in names)  # 128 fits nothing
+    assert {"W3G32asym", "W3G32sym", "W8G64sym"} <= names  # both kinds by default
     assert stored_bits_per_weight(ckpt) == pytest.approx(report["achieved_bits"], abs=1e-3)
 
 
@@ -172,7 +178,7 @@ def test_moe_allocation_gives_all_experts_of_a_projection_one_setting(tmp_path, 
 
 def test_budget_below_the_cheapest_choice_is_refused_before_writing(tmp_path, default_tokenizer_dir,
                                                                    calibration_text):
-    with pytest.raises(TunerInputError, match=r"--avg-bits 2.1: below the cheapest choice .*2\.188 bits"):
+    with pytest.raises(TunerInputError, match=r"--avg-bits 2.1: below the cheapest choice .*2\.125 bits"):
         allocate_tiny(tmp_path, "llama", 2.1, default_tokenizer_dir, calibration_text, bit_choices=(2, 4))
     assert not (tmp_path / "llama-mixed").exists()
 
@@ -187,3 +193,4 @@ def test_layer_overrides_and_avg_bits_together_are_refused(tmp_path, default_tok
     with pytest.raises(TunerInputError, match="cannot be combined with --layer-override"):
         quantize_checkpoint(model, tmp_path / "out", config, allocation=Allocation(3.5))
     assert not (tmp_path / "out").exists()
+
