@@ -199,6 +199,17 @@ def tuner_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def weights_digest(folder: Path) -> str | None:
+    """A fingerprint of a checkpoint's tensors (None where there is none yet)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 def windows_digest(windows: dict) -> str:
     """A short fingerprint of the evaluation windows (names and tokens), so results on other windows are not reused."""
     digest = hashlib.sha256()
@@ -331,6 +342,7 @@ def main(argv=None) -> int:
         spec = setting(name)
         mixed = not isinstance(spec, LayerQuantSpec)
         rtn_dir = work / f"rtn-{name}"
+        rtn_before = weights_digest(rtn_dir)
         if mixed:  # round-to-nearest with the same allocation (its sensitivity pass draws from the seed 42)
             quantize_checkpoint(model_dir, rtn_dir, SignRoundConfig(), overwrite=True, allocation=spec)
             quant_args = ["--avg-bits", str(spec.avg_bits)]
@@ -341,6 +353,8 @@ def main(argv=None) -> int:
         rtn = perplexities(load_dequantized(model, rtn_dir), windows)
         log(f"{name} round-to-nearest: {rtn}")
         to_serve, setting_rows, remade = {("rtn", None): rtn_dir}, [], set()  # remade: tool runs redone here
+        if weights_digest(rtn_dir) != rtn_before:  # rewritten every call; served again only where it changed
+            remade.add(rtn_dir)
         for seed in args.seeds:
             row = {"name": name, "seed": seed, "rtn": rtn}
             calib_file = work / f"calibration-seed{seed}.pt"
