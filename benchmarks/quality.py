@@ -78,7 +78,8 @@ ANCHORS = {
 SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpec(4, 64, True),
             "W3G64asym": LayerQuantSpec(3, 64, False), "W3G32sym": LayerQuantSpec(3, 32, True),
             "W2G32asym": LayerQuantSpec(2, 32, False), "W2G64asym": LayerQuantSpec(2, 64, False)}
-# Mixed bits (`--avg-bits`): "mixed3.5" = 3.5 stored bits per weight, asymmetric, choices 2/3/4/8 x 32/64/128.
+# Mixed bits (`--avg-bits`): "mixed3.5" = 3.5 stored bits per weight, the tuner's default choices (2/3/4/8 bits x
+# groups 32/64/128, asymmetric and symmetric; AutoScheme gets the asymmetric ones).
 # Uniform settings of the same cost, for comparison: W3G32sym = 3.5, W2G32asym = 2.75.
 MIXED_PREFIX = "mixed"
 
@@ -371,12 +372,13 @@ def main(argv=None) -> int:
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             for key in [k for k in anchors if ANCHORS[k].mixed == mixed]:
                 out_dir = work / f"{key}-{tag}"
-                target = (["--avg-bits", str(spec.avg_bits), "--options",
-                           ",".join(f"{c.bits}:{c.group_size}" for c in spec.candidates())] if mixed
+                # AutoScheme's options take one kind for all: asymmetric, as in its recorded runs
+                target = (["--avg-bits", str(spec.avg_bits), "--options", ",".join(dict.fromkeys(
+                           f"{c.bits}:{c.group_size}" for c in spec.candidates()))] if mixed
                           else ["--bits", str(spec.bits), "--group-size", str(spec.group_size)])
                 tools[key] = (ANCHORS[key].label,
                     anchor_command(key, anchor_python[key], model_dir, out_dir, calib_file, target, iters, batch, seed,
-                                   spec.sym),
+                                   not mixed and spec.sym),
                     out_dir / "run.json",
                     lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
@@ -403,7 +405,7 @@ def main(argv=None) -> int:
                     row["bits_per_weight"] = (run["allocation"]["achieved_bits"] if mixed
                                               else bits_per_weight(spec, spec.group_size))
                 elif "layer_settings" in run:  # the tool's own choice of settings, costed as this format stores it
-                    row[f"{key}_bits"] = stored_bits(run["layer_settings"].values(), spec.sym)
+                    row[f"{key}_bits"] = stored_bits(run["layer_settings"].values(), not mixed and spec.sym)
                 row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
                                      "tool": run.get("tool", label)}
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")
