@@ -7,15 +7,16 @@ Two parts:
   final fill with any option that still fits; the result is never worse, in summed error, than the
   best uniform setting that fits the budget.
 - `measure_sensitivity` (driver): the error of a group at a setting is the error of its decoder block's
-  output when only that group is quantized at that setting, on a few calibration windows of the
+  output when only that group is rounded to nearest at that setting, on a few calibration windows of the
   full-precision stream (blocks loaded one at a time, as for tuning), relative to the output's own size
-  token by token. Candidates of both kinds, with and without zero points, by default: symmetric settings
-  cost 8 bits less per group, and the choice spends that on more bits where they count (chosen on the
-  selection texts, benchmarks/results/quality-selection-mixed*.md). Scoring each setting from the clipping
-  search where the tuner searches it, instead of plain round-to-nearest, was tried there too: a wash, at
-  twice the sensitivity pass's time, so it was not kept. Relative, because an error early in the network is carried, and grows, through
+  token by token. Relative, because an error early in the network is carried, and grows, through
   every later block while the residual stream itself grows: absolute errors sent SmolLM2-135M's first
   blocks to 2 bits and its 3.5-bit round-to-nearest perplexity to 5354 (uniform W3G64: 57).
+
+Candidates of both kinds, with and without zero points, by default: a symmetric group costs 8 bits less,
+and the choice spends that on more bits where they count (chosen on the selection texts,
+benchmarks/results/quality-selection-mixed*.md). Scoring each setting from the clipping search where the
+tuner searches it, instead of round-to-nearest, was tried there too: a wash, and a slower pass.
 
 A group is what vLLM must serve with one setting: layers reading the very same input tensor
 (q/k/v, gate/up; vLLM fuses exactly such layers) and every expert of one fused expert parameter.

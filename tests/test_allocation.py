@@ -100,6 +100,17 @@ def test_bad_choices_are_refused():
     assert [s.short_name() for s in both] == ["W2G64asym", "W4G64asym", "W2G64sym", "W4G64sym"]
 
 
+def test_kind_choices_on_the_command_line():
+    from offline_tuner.cli import allocation_from_args, build_parser
+
+    def kinds(*argv):
+        return allocation_from_args(build_parser().parse_args(["quantize", "m", "--out", "o", "--avg-bits", "3",
+                                                                *argv])).kind_choices
+    assert kinds() == ("asym", "sym") and kinds("--sym") == ("sym",) and kinds("--kind-choices", "asym") == ("asym",)
+    with pytest.raises(TunerInputError, match="leave it out when giving --kind-choices"):
+        kinds("--sym", "--kind-choices", "asym,sym")
+
+
 # ----------------------------------------------------------------------------
 # Whole runs (round-to-nearest after the allocation; tiny models with the default tokenizer)
 # ----------------------------------------------------------------------------
@@ -193,4 +204,3 @@ def test_layer_overrides_and_avg_bits_together_are_refused(tmp_path, default_tok
     with pytest.raises(TunerInputError, match="cannot be combined with --layer-override"):
         quantize_checkpoint(model, tmp_path / "out", config, allocation=Allocation(3.5))
     assert not (tmp_path / "out").exists()
-
