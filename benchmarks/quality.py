@@ -342,6 +342,7 @@ def main(argv=None) -> int:
     for name in args.settings:
         spec = setting(name)
         mixed = not isinstance(spec, LayerQuantSpec)
+        anchor_sym = not mixed and spec.sym  # AutoScheme's options take one kind for all: asymmetric, as in its runs
         rtn_dir = work / f"rtn-{name}"
         rtn_before = weights_digest(rtn_dir)
         if mixed:  # round-to-nearest with the same allocation (its sensitivity pass draws from the seed 42)
@@ -372,13 +373,12 @@ def main(argv=None) -> int:
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             for key in [k for k in anchors if ANCHORS[k].mixed == mixed]:
                 out_dir = work / f"{key}-{tag}"
-                # AutoScheme's options take one kind for all: asymmetric, as in its recorded runs
                 target = (["--avg-bits", str(spec.avg_bits), "--options", ",".join(dict.fromkeys(
                            f"{c.bits}:{c.group_size}" for c in spec.candidates()))] if mixed
                           else ["--bits", str(spec.bits), "--group-size", str(spec.group_size)])
                 tools[key] = (ANCHORS[key].label,
                     anchor_command(key, anchor_python[key], model_dir, out_dir, calib_file, target, iters, batch, seed,
-                                   not mixed and spec.sym),
+                                   anchor_sym),
                     out_dir / "run.json",
                     lambda out_dir=out_dir: load_fake_quantized(model, out_dir / "weights.safetensors"))
             for key in (list(tools) if turn % 2 == 0 else list(tools)[::-1]):  # alternate who goes first
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
                     row["bits_per_weight"] = (run["allocation"]["achieved_bits"] if mixed
                                               else bits_per_weight(spec, spec.group_size))
                 elif "layer_settings" in run:  # the tool's own choice of settings, costed as this format stores it
-                    row[f"{key}_bits"] = stored_bits(run["layer_settings"].values(), not mixed and spec.sym)
+                    row[f"{key}_bits"] = stored_bits(run["layer_settings"].values(), anchor_sym)
                 row[f"{key}_run"] = {"seconds": run["seconds"], "wall": wall, "peak_rss_bytes": run["peak_rss_bytes"],
                                      "tool": run.get("tool", label)}
                 log(f"{tag} {label}: {row[key]}, {run['seconds']:.0f} s (process {wall:.0f} s)")

@@ -223,7 +223,7 @@ def allocation_from_args(args):
     if args.sym and args.kind_choices is not None:
         raise TunerInputError("--sym with --avg-bits means symmetric choices only; leave it out when giving "
                               "--kind-choices")
-    kinds = ("sym",) if args.sym else args.kind_choices or Allocation.kind_choices
+    kinds = ("sym",) if args.sym else Allocation.kind_choices if args.kind_choices is None else args.kind_choices
     return Allocation(args.avg_bits, tuple(args.bit_choices), tuple(args.group_choices), tuple(kinds))
 
 
