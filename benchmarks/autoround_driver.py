@@ -28,9 +28,9 @@ def main() -> int:
     p.add_argument("--group-size", type=int)
     p.add_argument("--avg-bits", type=float, help="AutoScheme: average bits per weight, scales and zero points included")
     p.add_argument("--options", default="2:32,2:64,2:128,3:32,3:64,3:128,4:32,4:64,4:128,8:32,8:64,8:128",
-                   help="AutoScheme's candidate settings, bits:group_size (those whose group size does not divide "
-                        "every layer's input size are dropped)")
-    p.add_argument("--sym", action="store_true")
+                   help="AutoScheme's candidate settings, bits:group_size[:sym|asym] (the kind defaults to --sym; "
+                        "those whose group size does not divide every layer's input size are dropped)")
+    p.add_argument("--sym", action="store_true", help="symmetric: the one setting, or the options without a kind")
     p.add_argument("--iters", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
@@ -59,10 +59,10 @@ def main() -> int:
     if args.avg_bits is None:
         setting = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym}
     else:
-        options = [(int(b), int(g)) for b, g in (o.split(":") for o in args.options.split(","))
-                   if all(m.in_features % int(g) == 0 for m in linears.values())]
-        schemes = [QuantizationScheme.from_dict({"bits": b, "group_size": g, "sym": args.sym, "data_type": "int",
-                                                 "act_bits": 16}) for b, g in options]
+        options = [option(o, args.sym) for o in args.options.split(",")]
+        options = [o for o in options if all(m.in_features % o[1] == 0 for m in linears.values())]
+        schemes = [QuantizationScheme.from_dict({"bits": b, "group_size": g, "sym": sym, "data_type": "int",
+                                                 "act_bits": 16}) for b, g, sym in options]
         setting = {"scheme": AutoScheme(avg_bits=args.avg_bits, options=schemes)}
         # AutoScheme wants a dataset name, for its scoring pass and then for the tuning: both get the very
         # windows given (scoring: its first `nsamples` in batches; tuning: each window, as without AutoScheme).
@@ -88,11 +88,11 @@ def main() -> int:
                for name, module in quantized.named_modules()
                if isinstance(module, torch.nn.Linear) and name != "lm_head"}
     chosen = getattr(rounder, "layer_config", None) or {}
-    layer_settings = {}  # name -> [bits, group size, weights]
+    layer_settings = {}  # name -> [bits, group size, weights, symmetric]
     for name in linears:
         c = chosen.get(name, {})
         layer_settings[name] = [c.get("bits", args.bits), c.get("group_size", args.group_size),
-                                weights[f"{name}.weight"].numel()]
+                                weights[f"{name}.weight"].numel(), bool(c.get("sym", args.sym))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "weights.safetensors"))
@@ -107,6 +107,14 @@ def main() -> int:
     (out / "run.json").write_text(json.dumps(run, indent=1))
     print(json.dumps(run), flush=True)
     return 0
+
+
+def option(text: str, default_sym: bool) -> tuple[int, int, bool]:
+    """(bits, group size, symmetric) of one --options entry, "bits:group_size" or "bits:group_size:sym|asym"."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("sym", "asym")):
+        raise SystemExit(f"--options entry {text!r}: use bits:group_size or bits:group_size:sym|asym")
+    return int(parts[0]), int(parts[1]), (parts[2] == "sym") if len(parts) == 3 else default_sym
 
 
 if __name__ == "__main__":

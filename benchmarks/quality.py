@@ -99,10 +99,11 @@ def setting(name: str):
 
 
 def stored_bits(layers, sym: bool) -> float:
-    """Average stored bits per weight (scales and zero points included) of [bits, group size, weights] layers."""
-    layers = list(layers)
-    total = sum(n for _, _, n in layers)
-    return sum(n * bits_per_weight(LayerQuantSpec(b, g, sym), g) for b, g, n in layers) / total
+    """Average stored bits per weight (scales and zero points included) of [bits, group size, weights] or
+    [bits, group size, weights, symmetric] layers (`sym` for those without a kind of their own)."""
+    layers = [(*layer, sym)[:4] for layer in layers]
+    total = sum(n for _, _, n, _ in layers)
+    return sum(n * bits_per_weight(LayerQuantSpec(b, g, s), g) for b, g, n, s in layers) / total
 
 
 def log(msg: str) -> None:
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
     for name in args.settings:
         spec = setting(name)
         mixed = not isinstance(spec, LayerQuantSpec)
-        anchor_sym = not mixed and spec.sym  # AutoScheme's options take one kind for all: asymmetric, as in its runs
+        anchor_sym = not mixed and spec.sym  # mixed: each AutoScheme option names its own kind
         rtn_dir = work / f"rtn-{name}"
         rtn_before = weights_digest(rtn_dir)
         if mixed:  # round-to-nearest with the same allocation (its sensitivity pass draws from the seed 42)
@@ -373,8 +374,9 @@ def main(argv=None) -> int:
                 sr_dir / "signround_run.json", lambda: load_dequantized(model, sr_dir))}
             for key in [k for k in anchors if ANCHORS[k].mixed == mixed]:
                 out_dir = work / f"{key}-{tag}"
-                target = (["--avg-bits", str(spec.avg_bits), "--options", ",".join(dict.fromkeys(
-                           f"{c.bits}:{c.group_size}" for c in spec.candidates()))] if mixed
+                target = (["--avg-bits", str(spec.avg_bits), "--options", ",".join(
+                           f"{c.bits}:{c.group_size}:{'sym' if c.sym else 'asym'}" for c in spec.candidates())]
+                          if mixed
                           else ["--bits", str(spec.bits), "--group-size", str(spec.group_size)])
                 tools[key] = (ANCHORS[key].label,
                     anchor_command(key, anchor_python[key], model_dir, out_dir, calib_file, target, iters, batch, seed,

@@ -70,6 +70,9 @@ def test_report_means_served_figures_over_seeds_for_every_tool():
     # a tool that chose its own settings (AutoScheme) is costed as this format stores them
     rows[1]["gptq_bits"] = quality.stored_bits([[2, 64, 100], [4, 32, 300]], sym=False)
     assert rows[1]["gptq_bits"] == (100 * (2 + 24 / 64) + 300 * (4 + 24 / 32)) / 400
+    # layers that name their own kind (AutoScheme given both kinds): a symmetric one stores no zero point
+    assert quality.stored_bits([[2, 64, 100, True], [4, 32, 300, False]], sym=False) == \
+        (100 * (2 + 16 / 64) + 300 * (4 + 24 / 32)) / 400
     assert "| W3G64asym | 43 | GPTQ | 4.156 | 32.00 |" in quality.render(
         args, [], {"wiki": 10.0}, served(11.0), rows, Calibration(32, 256), 40, 4, LoadWatch(), 60)
     transformers_only = quality.render(args, [], {"wiki": 10.0}, None, rows, Calibration(32, 256), 40, 4,
