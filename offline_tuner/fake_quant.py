@@ -8,7 +8,8 @@ Here the forward is eight weight-sized passes and the backward, which recomputes
 saved per-group scale and zero (nothing weight-sized is kept between the two), about a dozen; the
 weight's per-group min and max, which never change while a block is tuned, are taken once per block
 (`FrozenWeight`). Only the small per-group chain from the clipping factors to the scale and zero point
-goes through autograd, on quant_core.scales_from_extremes, so the scale rule is written once.
+goes through autograd, on quant_core.scales_from_extremes, so the scale rule is written once; a block's
+weights of one setting share one such chain (`fake_quantize_many`).
 
 The values are quantize_weight's exactly (the same operations in the same order); the gradients are its
 autograd gradients (straight-through rounding, clamp masks as torch's clamp backward) up to the order of
@@ -17,6 +18,7 @@ floating-point sums. tests/test_quant_core.py checks both.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 
@@ -47,12 +49,31 @@ def fake_quantize(frozen: FrozenWeight, rounding_offset: torch.Tensor, max_scale
                   min_scale: torch.Tensor, dtype: torch.dtype = torch.float32, compiled: bool = False) -> torch.Tensor:
     """The dequantized weight in the parameter's shape and `dtype`; differentiable in rounding_offset
     [R, K], max_scale and min_scale [R, K // G]. compiled: the weight-sized passes through torch.compile."""
-    return _FakeQuantize.apply(frozen, rounding_offset, max_scale, min_scale, dtype, compiled)
+    return fake_quantize_many([frozen], [(rounding_offset, max_scale, min_scale)], dtype, compiled)[0]
 
 
-def _scales(frozen: FrozenWeight, max_scale, min_scale):
-    """(scale, zero or None) of each group: quant_core's rule on the precomputed group extremes."""
-    return scales_from_extremes(frozen.group_max * max_scale, frozen.group_min * min_scale, frozen.spec)
+def fake_quantize_many(frozen: Sequence[FrozenWeight], tunables: Sequence[Sequence[torch.Tensor]],
+                       dtype: torch.dtype = torch.float32, compiled: bool = False) -> list[torch.Tensor]:
+    """fake_quantize of several weights (a block's), each with its (rounding_offset, max_scale, min_scale).
+
+    The scale rule is elementwise per group, so the groups of all the weights with one setting go through it
+    as one flat vector: one short chain of small operations per setting and step, forward and backward,
+    instead of one per weight (on a CPU that chain took longer than the weight-sized passes)."""
+    out: list[torch.Tensor] = [None] * len(frozen)  # type: ignore[list-item]
+    by_spec: dict[LayerQuantSpec, list[int]] = {}
+    for i, f in enumerate(frozen):
+        by_spec.setdefault(f.spec, []).append(i)
+    for spec, members in by_spec.items():
+        sizes = [frozen[i].group_max.numel() for i in members]
+        clipped_max = torch.cat([(frozen[i].group_max * tunables[i][1]).reshape(-1) for i in members])
+        clipped_min = torch.cat([(frozen[i].group_min * tunables[i][2]).reshape(-1) for i in members])
+        scale, zero = scales_from_extremes(clipped_max, clipped_min, spec)
+        zeros = zero.split(sizes) if zero is not None else [None] * len(members)
+        for i, s, z in zip(members, scale.split(sizes), zeros):
+            groups = frozen[i].group_max.shape
+            out[i] = _FakeQuantize.apply(frozen[i], tunables[i][0], s.view(groups),
+                                         z.view(groups) if z is not None else None, dtype, compiled)
+    return out
 
 
 def _dequantize(groups, offset, scale, zero, max_int: int, dtype: torch.dtype) -> torch.Tensor:
@@ -84,38 +105,30 @@ def kernels(compiled: bool):
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """The weight-sized passes by hand; the small per-group chain from the clipping factors to the scale and
-    zero point by autograd through quant_core.scales_from_extremes (so its rule is written once)."""
+    """The weight-sized passes by hand, given each group's scale and zero point (None: symmetric). The small
+    chain from the clipping factors to those stays with autograd, on quant_core.scales_from_extremes (see
+    fake_quantize_many), so the scale rule is written once."""
 
     @staticmethod
-    def forward(ctx, frozen: FrozenWeight, offset, max_scale, min_scale, dtype, compiled):
-        scale, zero = _scales(frozen, max_scale, min_scale)
-        if zero is None:
-            zero = torch.full_like(scale, float(frozen.spec.sym_zero_point))
+    def forward(ctx, frozen: FrozenWeight, offset, scale, zero, dtype, compiled):
+        zero_used = zero if zero is not None else torch.full_like(scale, float(frozen.spec.sym_zero_point))
         dequantize, _ = kernels(compiled)
         out = dequantize(frozen.groups, offset.reshape(frozen.groups.shape), scale.unsqueeze(-1),
-                         zero.unsqueeze(-1), frozen.spec.max_int, dtype).reshape(frozen.shape)
+                         zero_used.unsqueeze(-1), frozen.spec.max_int, dtype).reshape(frozen.shape)
         ctx.frozen, ctx.compiled = frozen, compiled
-        ctx.save_for_backward(offset, max_scale, min_scale, scale, zero)
+        ctx.save_for_backward(offset, scale, zero_used)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         frozen: FrozenWeight = ctx.frozen
-        offset, max_scale, min_scale, scale, zero = ctx.saved_tensors
+        offset, scale, zero = ctx.saved_tensors
         _, gradient_sums = kernels(ctx.compiled)
         g_offset, g_q, g_inside_w, g_inside, g_all = gradient_sums(
             grad_out.reshape(frozen.groups.shape), frozen.groups, offset.reshape(frozen.groups.shape),
             scale.unsqueeze(-1), zero.unsqueeze(-1), frozen.spec.max_int)
-        # Gradients of the loss in each group's scale and zero point taken as free inputs: d out / d scale is
-        # (q - z) directly and - m * w / s^2 * s through x = w / s + V; d out / d zero is s * (m - 1).
-        g_scale = g_q - g_inside_w / scale
-        with torch.enable_grad():
-            clips = [max_scale.detach().requires_grad_(), min_scale.detach().requires_grad_()]
-            scale_again, zero_again = _scales(frozen, *clips)
-            outputs, grads = [scale_again], [g_scale]
-            if zero_again is not None:
-                outputs.append(zero_again)
-                grads.append((g_inside - g_all) * scale)
-            g_max_scale, g_min_scale = torch.autograd.grad(outputs, clips, grads)
-        return None, g_offset.reshape(offset.shape), g_max_scale, g_min_scale, None, None
+        # The loss's gradients in each group's scale and zero point as free inputs: d out / d scale is (q - z)
+        # directly and - m * w / s^2 * s through x = w / s + V; d out / d zero is s * (m - 1).
+        g_scale = g_q - g_inside_w / scale if ctx.needs_input_grad[2] else None
+        g_zero = (g_inside - g_all) * scale if ctx.needs_input_grad[3] else None
+        return None, g_offset.reshape(offset.shape), g_scale, g_zero, None, None

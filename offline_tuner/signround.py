@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from signround_vllm.format import LayerQuantSpec
 from offline_tuner.compiling import COMPILE_CHOICES, CompiledOrEager
-from offline_tuner.fake_quant import FrozenWeight, fake_quantize
+from offline_tuner.fake_quant import FrozenWeight, fake_quantize_many
 from offline_tuner.quant_core import CLIP_FACTOR_MIN, clip_factor_max, quantize_weight_to_ints, search_clipping
 
 Progress = Callable[[str], None]
@@ -180,12 +180,11 @@ def quantized_weights(weights: Mapping[str, FrozenWeight], specs: Mapping[str, L
     """Fake-quantized value of each tuned parameter, by its name (round-to-nearest where `tunables` is
     None): computed in float32, handed over in `dtype` (bf16 where the block's matmuls run in bf16 anyway,
     so no float32 copy is kept)."""
-    out = {}
-    for name, frozen in weights.items():
-        t = (tunables[name] if tunables is not None
-             else LayerTunables.initial(frozen.groups.reshape(frozen.shape), specs[name], frozen.groups.device))
-        out[name] = fake_quantize(frozen, *t.tensors(), dtype=dtype, compiled=compiled)
-    return out
+    names = list(weights)
+    chosen = [(tunables[name] if tunables is not None
+               else LayerTunables.initial(weights[name].groups.reshape(weights[name].shape), specs[name],
+                                          weights[name].groups.device)).tensors() for name in names]
+    return dict(zip(names, fake_quantize_many([weights[n] for n in names], chosen, dtype, compiled)))
 
 
 def run_block(block: torch.nn.Module, x: torch.Tensor, block_kwargs: dict,
@@ -294,34 +293,42 @@ def tune_block(block: torch.nn.Module, params: Mapping[str, torch.Tensor], specs
         gradients of the whole block are never held together."""
         size, low, high = step_rule[id(p)]
         with torch.no_grad():
-            p.add_(torch.sign(p.grad), alpha=-size * step["decay"])
+            p.add_(p.grad.sign_(), alpha=-size * step["decay"])  # the gradient's own memory: it is freed next
             p.clamp_(low, high)
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(signed_step) for p in trained]
-    for it in range(settings.iters):
-        if order.numel() < bs:
-            order = torch.cat([order, train_idx[torch.randperm(n, generator=gen)]])
-        idx, order = order[:bs], order[bs:]
-        loss = loss_on(idx, tunables)
-        loss_value = float(loss.detach())
-        if it == 0:
-            rtn_loss = loss_value
-        if not math.isfinite(loss_value):
-            break
-        if loss_value < best_loss:
-            best_loss, best_iter = loss_value, it
-            for k, t in tunables.items():  # in place: no second copy of the block's tunables
-                for kept, now in zip(best[k].tensors(), t.tensors()):
-                    kept.copy_(now.detach())
-        step["decay"] = 1.0 - it / settings.iters  # linear decay to 0
-        loss.backward(inputs=trained)  # each parameter steps as soon as its gradient is ready
-        del loss
-        if progress:
-            progress(it, loss_value)
-
-    for h in hooks:
-        h.remove()
+    # The block's own parameters (norms, biases; its quantized weights are replaced by the tunables' values)
+    # need no gradients: without this the backward also ran back into the block's first linear layers' inputs.
+    needing_grad = [p for p in block.parameters() if p.requires_grad]
+    for p in needing_grad:
+        p.requires_grad_(False)
+    try:
+        for it in range(settings.iters):
+            if order.numel() < bs:
+                order = torch.cat([order, train_idx[torch.randperm(n, generator=gen)]])
+            idx, order = order[:bs], order[bs:]
+            loss = loss_on(idx, tunables)
+            loss_value = float(loss.detach())
+            if it == 0:
+                rtn_loss = loss_value
+            if not math.isfinite(loss_value):
+                break
+            if loss_value < best_loss:
+                best_loss, best_iter = loss_value, it
+                for k, t in tunables.items():  # in place: no second copy of the block's tunables
+                    for kept, now in zip(best[k].tensors(), t.tensors()):
+                        kept.copy_(now.detach())
+            step["decay"] = 1.0 - it / settings.iters  # linear decay to 0
+            loss.backward(inputs=trained)  # each parameter steps as soon as its gradient is ready
+            del loss
+            if progress:
+                progress(it, loss_value)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in needing_grad:
+            p.requires_grad_(True)
     for name, rows in (keep_rtn_rows or {}).items():
         best[name].reset_rows(rows.to(device))
     with torch.no_grad():

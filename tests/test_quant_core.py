@@ -187,6 +187,27 @@ def test_fused_fake_quantization_equals_the_reference_and_its_gradients(bits, sy
     assert fake_quantize(FrozenWeight.of(w, spec), *tunables, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_a_blocks_weights_fake_quantized_together_equal_each_alone():
+    """fake_quantize_many runs the scale rule once per setting on all its weights' groups: the values and every
+    gradient are exactly those of each weight fake-quantized alone."""
+    from offline_tuner.fake_quant import FrozenWeight, fake_quantize, fake_quantize_many
+
+    specs = [LayerQuantSpec(3, 32, False), LayerQuantSpec(4, 64, True), LayerQuantSpec(3, 32, False)]
+    cases = [_fake_quant_case(spec, n, 128, seed=i) for i, (spec, n) in enumerate(zip(specs, (7, 9, 5)))]
+    grads_out = [torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) for i, (w, *_) in enumerate(cases)]
+    results = []
+    for together in (False, True):
+        tunables = [[t.clone().requires_grad_() for t in (v, a, b)] for _, v, a, b in cases]
+        frozen = [FrozenWeight.of(w, spec) for (w, *_), spec in zip(cases, specs)]
+        outs = (fake_quantize_many(frozen, tunables) if together
+                else [fake_quantize(f, *t) for f, t in zip(frozen, tunables)])
+        flat = [t for ts in tunables for t in ts]
+        results.append((outs, torch.autograd.grad(outs, flat, grads_out)))
+    (alone, alone_grads), (together, together_grads) = results
+    assert all(torch.equal(x, y) for x, y in zip(alone, together))
+    assert all(torch.equal(x, y) for x, y in zip(alone_grads, together_grads))
+
+
 @pytest.mark.parametrize("spec", [LayerQuantSpec(2, 32, False), LayerQuantSpec(4, 64, True)], ids=str)
 def test_compiled_fake_quantization_equals_eager(spec):
     """The torch.compile'd passes give eager's values exactly and its gradients up to summation order."""
