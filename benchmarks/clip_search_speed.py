@@ -66,17 +66,13 @@ def main(argv=None) -> int:
         w = torch.randn(n, k, generator=gen) * torch.rand(n, k, generator=gen) ** 2
         h = torch.rand(k, generator=gen)
         for spec in SPECS:
-            times = {"now": [], "then": []}
+            times, chosen = {"now": [], "then": []}, {}
             for r in range(args.repeats):
                 order = [("now", quant_core.search_clipping), ("then", then.search_clipping)]
                 for name, fn in (order if r % 2 == 0 else order[::-1]):
-                    seconds, chosen = timed(fn, w, spec, h)
+                    seconds, chosen[name] = timed(fn, w, spec, h)
                     times[name].append(seconds)
-                    if name == "now":
-                        now_chosen = chosen
-                    else:
-                        then_chosen = chosen
-            if not torch.equal(now_chosen, then_chosen):
+            if not torch.equal(chosen["now"], chosen["then"]):
                 raise SystemExit(f"{n} x {k} {spec.short_name()}: the two versions chose different factors")
             now, then_s = benchlib.median_and_spread(times["now"])[0], benchlib.median_and_spread(times["then"])[0]
             rows.append([f"{n} x {k}", spec.short_name(), f"{then_s:.3f}", f"{now:.3f}", f"{then_s / now:.2f}x"])

@@ -79,7 +79,7 @@ SETTINGS = {"W4G64asym": LayerQuantSpec(4, 64, False), "W4G64sym": LayerQuantSpe
             "W3G64asym": LayerQuantSpec(3, 64, False), "W3G32sym": LayerQuantSpec(3, 32, True),
             "W2G32asym": LayerQuantSpec(2, 32, False), "W2G64asym": LayerQuantSpec(2, 64, False)}
 # Mixed bits (`--avg-bits`): "mixed3.5" = 3.5 stored bits per weight, the tuner's default choices (2/3/4/8 bits x
-# groups 32/64/128, asymmetric and symmetric; AutoScheme gets the asymmetric ones).
+# groups 32/64/128, asymmetric and symmetric; AutoScheme gets the very same candidates).
 # Uniform settings of the same cost, for comparison: W3G32sym = 3.5, W2G32asym = 2.75.
 MIXED_PREFIX = "mixed"
 
