@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from signround_vllm.checkpoint import write_file_atomically
 from signround_vllm.format import QWEIGHT, QZEROS, SCALES, PackedLinear, dequantize_packed, pack_linear
 from signround_vllm.shards import ShardedWriter
 from offline_tuner.architecture import record_block_calls
@@ -140,8 +140,8 @@ class WorkFolder:
         self._save()
 
     def _save(self) -> None:
-        _write_atomic(self.path / self.STATE, json.dumps({"run": self.run_key, "done_blocks": len(self.blocks),
-                                                          "blocks": self.blocks}).encode())
+        write_file_atomically(self.path / self.STATE, json.dumps({"run": self.run_key, "done_blocks": len(self.blocks),
+                                                                  "blocks": self.blocks}))
 
 
 def capture_block_calls(model, source: ModelSource, blocks, windows: torch.Tensor, device: torch.device,
@@ -287,10 +287,3 @@ def _read_packed(writer: ShardedWriter, layer: str, spec) -> PackedLinear:
     t = {suffix: writer.read(f"{layer}.{suffix}") for suffix in (QWEIGHT, SCALES, QZEROS)
          if f"{layer}.{suffix}" in writer.entries}
     return PackedLinear(qweight=t[QWEIGHT], scales=t[SCALES], qzeros=t.get(QZEROS), spec=spec)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A kill leaves the old file or the new one, never a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -28,9 +28,6 @@ from offline_tuner.compiling import COMPILE_CHOICES, CompiledOrEager
 from offline_tuner.fake_quant import FrozenWeight, fake_quantize_many
 from offline_tuner.quant_core import CLIP_FACTOR_MIN, clip_factor_max, quantize_weight_to_ints, search_clipping
 
-Progress = Callable[[str], None]
-
-
 STREAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOSSES = ("mse", "token_normalized")
 CLIP_SEARCH_CHOICES = ("auto", "on", "off")

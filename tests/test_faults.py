@@ -21,7 +21,7 @@ from offline_tuner.default_model import make_tiny_model, prepare_default_model
 from offline_tuner.quantize import Calibration, quantize_checkpoint
 from offline_tuner.signround import TuneSettings
 from offline_tuner.text_data import wikipedia_text
-from signround_vllm.checkpoint import commit_folder, validate_checkpoint
+from signround_vllm.checkpoint import commit_folder, validate_checkpoint, write_file_atomically
 from signround_vllm.format import LayerQuantSpec, SignRoundConfig
 
 CONFIG = SignRoundConfig(default=LayerQuantSpec(3, 32, False))
@@ -90,6 +90,21 @@ def test_replacing_a_folder_never_leaves_the_path_empty(tmp_path, monkeypatch):
         (folder / "f").write_text(text)
     commit_folder(new, old, overwrite=True)
     assert (old / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_file_written_atomically_is_the_old_or_the_new_one_never_a_part(tmp_path, monkeypatch):
+    path = tmp_path / "state" / "run.json"
+    write_file_atomically(path, "é old")
+    assert path.read_text(encoding="utf-8") == "é old" and oct(path.stat().st_mode & 0o777) == "0o644"
+    write_file_atomically(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomically(path, b"newer")
+    assert path.read_bytes() == b"new" and [p.name for p in path.parent.iterdir()] == ["run.json"]
 
 
 def quantize_cmd(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
