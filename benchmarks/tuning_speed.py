@@ -10,6 +10,11 @@ they stay meaningful on a machine whose speed drifts.
 
 --baseline REV runs `python -m offline_tuner.cli` from a detached worktree of that commit (made once under
 --work), with this checkout's venv.
+
+The report also gives the run's matmul floor (`matmul_floor`): the block matmuls that signed gradient descent
+cannot skip (each step's forward, the weight gradients, the input gradients back to the first layers), timed
+here at the run's shapes and dtype, times steps and blocks. No tuner of this algorithm at these settings can
+take less, so it shows how far a time target is from the hardware.
 """
 from __future__ import annotations
 
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--signround-args", default="", help="extra arguments for this checkout's SignRound runs")
     p.add_argument("--autoround", action=argparse.BooleanOptionalAction, default=True,
                    help="time PyPI auto-round 0.16.1 too (its own venv, as benchmarks/quality.py makes it)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the run's unavoidable block matmuls on this machine (matmul_floor; about 20 s)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", help="also write the markdown report to this .md file (and its numbers, .json)")
     p.add_argument("--work", default=str(cache_root() / "bench-tuning-speed"))
@@ -148,17 +155,76 @@ def main(argv=None) -> int:
                          "peak_rss_bytes": measured.peak_rss_bytes, "first_block": first, "median_block": median})
             log(f"{label}: tool {run['seconds']:.1f} s, process {measured.seconds:.1f} s")
 
-    report = render(args, argv, runs, calib, iters, batch, loads)
+    floor = matmul_floor(model_dir, iters, batch, calib.seq_len) if args.floor else None
+    report = render(args, argv, runs, calib, iters, batch, loads, floor)
     print(report)
     if args.out:
         out = Path(args.out)
         write_report(out.parent, out.stem, report, {"machine": benchlib.machine_info(("torch", "transformers")),
-                                                    "runs": runs, "iters": iters, "batch_size": batch,
+                                                    "runs": runs, "matmul_floor": floor,
+                                                    "iters": iters, "batch_size": batch,
                                                     "calibration": [calib.n_samples, calib.seq_len]})
     return 0
 
 
-def render(args, argv, runs, calib, iters, batch, loads) -> str:
+def matmul_floor(model_dir: Path, iters: int, batch: int, seq_len: int, repeats: int = 5) -> dict:
+    """The block matmuls every SignRound tuner must run at these settings, timed on this machine.
+
+    Per step and linear layer of a block: the forward (x W^T), the weight's gradient (g^T x, which the rounding
+    offsets' gradient needs) and, for every layer whose input depends on another tuned layer of the block, the
+    input's gradient (g W). The first layers (those that share the first-called layer's input, found by hooks
+    on block 0: q, k and v in a Llama block) need no input gradient. Timed with torch.mm at the layer's shapes
+    in the dtype the tuning runs them in (bf16 where use_bf16_autocast holds), best of `repeats`; attention,
+    norms, activations and the fake quantization are left out, so the real floor is higher still."""
+    import transformers
+    from offline_tuner.architecture import find_decoder_blocks, record_block_calls
+    from offline_tuner.signround import TuneSettings, run_block, use_bf16_autocast
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    blocks = find_decoder_blocks(model)
+    calls = record_block_calls(model, blocks, torch.zeros(1, 8, dtype=torch.long), torch.device("cpu"))
+    block = blocks.blocks[0]
+    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    inputs: dict[str, torch.Tensor] = {}  # each layer's input on its first call (kept, so identity is meaningful)
+    hooks = [m.register_forward_pre_hook(lambda _m, a, _n=n: inputs.setdefault(_n, a[0])) for n, m in linears]
+    with torch.no_grad():
+        run_block(block, calls.first_inputs, calls.block_kwargs[0])
+    for h in hooks:
+        h.remove()
+    first = inputs[next(iter(inputs))]
+    first_layers = sorted(n for n, x in inputs.items() if x is first)
+    n_blocks = len(blocks)
+    del model, blocks, block, calls, inputs, first
+    dtype = torch.bfloat16 if use_bf16_autocast(TuneSettings(), torch.device("cpu")) else torch.float32
+    tokens = batch * seq_len
+
+    def best_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * min(times)
+
+    per_step_ms, flops = 0.0, 0
+    for name, m in linears:
+        n_out, k_in = m.weight.shape
+        x, w, g = (torch.randn(tokens, k_in, dtype=dtype), torch.randn(n_out, k_in, dtype=dtype),
+                   torch.randn(tokens, n_out, dtype=dtype))
+        per_step_ms += best_ms(lambda: x @ w.t()) + best_ms(lambda: g.t() @ x)
+        flops += 2 * 2 * tokens * n_out * k_in
+        if name not in first_layers:
+            per_step_ms += best_ms(lambda: g @ w)
+            flops += 2 * tokens * n_out * k_in
+    steps = iters * n_blocks
+    return {"dtype": str(dtype).replace("torch.", ""), "blocks": n_blocks, "steps": steps,
+            "linear_layers": len(linears), "first_layers": first_layers,
+            "ms_per_step": round(per_step_ms, 2), "gflop_per_step": round(flops / 1e9, 2),
+            "gflops_per_s": round(flops / 1e9 / (per_step_ms / 1000), 1), "seconds": round(steps * per_step_ms / 1000, 1)}
+
+
+def render(args, argv, runs, calib, iters, batch, loads, floor=None) -> str:
     secs = lambda v: f"{v:.1f} s" if v is not None else ""  # noqa: E731
     rows = []
     for run in runs:
@@ -186,7 +252,22 @@ def render(args, argv, runs, calib, iters, batch, loads) -> str:
         *benchlib.markdown_table(["round", "tuner", "tool time", "process", "first block", "median block",
                                   "peak RSS", "tool time / auto-round's", "process / auto-round's"], rows),
         "",
+        *(floor_lines(floor, runs) if floor else []),
     ])
+
+
+def floor_lines(floor: dict, runs: list[dict]) -> list[str]:
+    anchors = [r["tool_seconds"] for r in runs if r["tuner"].startswith("auto-round")]
+    half = f" Half of auto-round's tool time here: {min(anchors) / 2:.1f}-{max(anchors) / 2:.1f} s." if anchors else ""
+    return [
+        f"Matmul floor (`matmul_floor`, measured after the runs): {floor['steps']} steps ({floor['blocks']} blocks) x "
+        f"{floor['ms_per_step']:.1f} ms of {floor['dtype']} block matmuls ({floor['gflop_per_step']:.1f} GFLOP per step "
+        f"at {floor['gflops_per_s']:.0f} GFLOP/s: forward and weight gradients of all {floor['linear_layers']} linear "
+        f"layers, input gradients of all but {', '.join(floor['first_layers'])}) = **{floor['seconds']:.1f} s** that "
+        f"any tuner of this algorithm runs at these settings, before attention, norms, activations, fake "
+        f"quantization, calibration, loading and writing.{half}",
+        "",
+    ]
 
 
 if __name__ == "__main__":

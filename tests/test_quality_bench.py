@@ -203,3 +203,37 @@ def test_tuning_speed_runs_a_trees_tuner_and_compares_each_round_with_its_own_au
                           SimpleNamespace(describe=lambda: "load 1.0"))
     rows = [line for line in report.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert [r.split(" | ")[7] for r in rows] == ["0.50", "1.00", "1.00", "0.25"]
+
+
+def test_matmul_floor_counts_every_unavoidable_matmul_of_a_block_and_skips_the_first_layers_input_gradients(tmp_path):
+    from offline_tuner.default_model import make_tiny_model
+
+    speed = load_tuning_speed()
+    model_dir = make_tiny_model(tmp_path / "tiny", family="llama", num_layers=2)
+    floor = speed.matmul_floor(model_dir, iters=3, batch=2, seq_len=16, repeats=1)
+    assert floor["first_layers"] == ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert (floor["blocks"], floor["steps"], floor["linear_layers"]) == (2, 6, 7)
+    import json
+    config = json.loads((model_dir / "config.json").read_text())
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+    first, later = h * h + 2 * h * kv, h * h + 3 * h * i  # weights (N x K) of q, k, v and of o, gate, up, down
+    tokens = 2 * 16
+    assert floor["gflop_per_step"] == round((2 * tokens * (2 * (first + later) + later)) / 1e9, 2)
+    assert floor["ms_per_step"] > 0 and floor["seconds"] == round(6 * floor["ms_per_step"] / 1000, 1)
+    line = speed.floor_lines(floor, [{"tuner": "auto-round 0.16.1", "tool_seconds": 10.0}])[0]
+    assert "input gradients of all but self_attn.k_proj, self_attn.q_proj, self_attn.v_proj" in line
+    assert "Half of auto-round's tool time here: 5.0-5.0 s." in line
+
+
+def test_step_profile_splits_a_profile_into_matmuls_attention_and_the_rest():
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("step_profile_bench", REPO / "benchmarks" / "step_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    events = [SimpleNamespace(key=k, self_cpu_time_total=us) for k, us in [
+        ("aten::mm", 40_000), ("aten::addmm", 4_000), (module.ATTENTION_FORWARD, 6_000),
+        (module.ATTENTION_BACKWARD, 10_000), ("aten::mul", 3_000), ("## Call CompiledFxGraph abc", 1_000)]]
+    assert module.split_profile(events, steps=2) == {"matmuls": 22.0, "attention forward": 3.0,
+                                                     "attention backward": 5.0, "other": 2.0, "total": 32.0}
