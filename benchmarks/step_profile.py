@@ -34,10 +34,13 @@ def log(msg: str) -> None:
 
 
 def block_and_data(block_index: int, n_samples: int, seq_len: int, seed: int, autocast: bool):
-    """The block, its inputs and full-precision targets on the calibration windows, and its call arguments."""
+    """The block, its inputs and full-precision targets on the calibration windows, its call arguments, and
+    each weight's input energy (the clipping search's weights, measured as blockwise.InputEnergy measures them
+    for the tuner)."""
     from transformers import AutoModelForCausalLM
 
     from offline_tuner.architecture import find_decoder_blocks, record_block_calls
+    from offline_tuner.blockwise import InputEnergy
     from offline_tuner.default_model import prepare_default_model
     from offline_tuner.quantize import Calibration, calibration_windows
     from offline_tuner.streams import run_block_in_place
@@ -54,8 +57,18 @@ def block_and_data(block_index: int, n_samples: int, seq_len: int, seed: int, au
         for i in range(block_index):
             run_block_in_place(blocks.blocks[i], stream, calls.block_kwargs[i], 8, autocast)
         inputs = stream.clone()
-        run_block_in_place(blocks.blocks[block_index], stream, calls.block_kwargs[block_index], 8, autocast)
-    return blocks.blocks[block_index], inputs, stream, calls.block_kwargs[block_index]
+        block = blocks.blocks[block_index]
+        energy = InputEnergy(block, [n for n, p in block.named_parameters() if is_tuned(n, p)])
+        try:
+            run_block_in_place(block, stream, calls.block_kwargs[block_index], 8, autocast)
+        finally:
+            energy.close()
+    return block, inputs, stream, calls.block_kwargs[block_index], energy.means()
+
+
+def is_tuned(name: str, p: torch.Tensor) -> bool:
+    """The block's weights this profile tunes: every matrix (a Llama block's seven linear layers)."""
+    return name.endswith(".weight") and p.dim() >= 2
 
 
 def split_profile(events, steps: int) -> dict[str, float]:
@@ -95,15 +108,16 @@ def main(argv=None) -> int:
     tune, calib = RECIPES[args.recipe]
     settings = TuneSettings(iters=tune.iters, batch_size=tune.batch_size, compile=args.compile, seed=args.seed)
     autocast = use_bf16_autocast(settings, torch.device("cpu"))
-    block, inputs, targets, kwargs = block_and_data(args.block, calib.n_samples, calib.seq_len, args.seed, autocast)
+    block, inputs, targets, kwargs, importance = block_and_data(args.block, calib.n_samples, calib.seq_len,
+                                                                args.seed, autocast)
     spec = LayerQuantSpec(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    params = {n: p for n, p in block.named_parameters() if n.endswith(".weight") and p.dim() >= 2}
+    params = {n: p for n, p in block.named_parameters() if is_tuned(n, p)}
     specs = {n: spec for n in params}
 
     def run(s: TuneSettings) -> tuple[list[float], float]:
         stamps: list[float] = []
         result = tune_block(block, params, specs, inputs, targets, kwargs, s, args.seed,
-                            progress=lambda it, loss: stamps.append(time.perf_counter()))
+                            progress=lambda it, loss: stamps.append(time.perf_counter()), importance=importance)
         return [b - a for a, b in zip(stamps, stamps[1:])], result.seconds
 
     log(f"warm-up run of block {args.block} ({settings.iters} iterations, compile {args.compile})")
@@ -116,11 +130,12 @@ def main(argv=None) -> int:
     profiled = dataclasses.replace(settings, iters=args.profiled_iters)
     with profile() as prof:
         run(profiled)
-    # The profiled run also evaluates twice on one batch at the end (forward only); counted in as a share of
-    # "other" and the forward parts, a small overstatement of the per-step figures.
+    # The profiled run also holds the block's setup (the clipping search, for settings that have one) and the two
+    # evaluations on one batch at the end (forward only), counted in as shares of the parts: an overstatement of
+    # the per-step figures, small with no search and the default 10 iterations.
     parts = split_profile(prof.key_averages(), args.profiled_iters)
 
-    setting = f"W{args.bits}G{args.group_size}{'sym' if args.sym else 'asym'}"
+    setting = spec.short_name()
     rows = [[name, f"{ms:.1f} ms", f"{100 * ms / parts['total']:.0f}%"] for name, ms in parts.items()]
     report = "\n".join([
         f"# One tuning step, profiled: block {args.block} of SmolLM2-135M-Instruct",

@@ -12,11 +12,16 @@ from offline_tuner.text_data import token_windows
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+def load_bench(script: str):
+    """benchmarks/<script>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{script}_bench", REPO / "benchmarks" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality():
+    return load_bench("quality")
 
 
 class Identity:
@@ -142,9 +147,7 @@ def served_run(setting: str, seed: int, **tools: float) -> dict:
 
 
 def test_summary_takes_the_newest_report_and_checks_each_target(tmp_path):
-    spec = importlib.util.spec_from_file_location("quality_summary", REPO / "benchmarks" / "quality_summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = load_bench("quality_summary")
     cmd = "python benchmarks/quality.py --settings W3G32sym"
     old = write_quality_report(tmp_path, "old", "2026-12-01 10:00", cmd,
                                [served_run("W3G32sym", 42, rtn=60.0, sr=30.0, autoround=28.0, gptq=90.0)])
@@ -173,10 +176,7 @@ def test_summary_takes_the_newest_report_and_checks_each_target(tmp_path):
 
 
 def load_tuning_speed():
-    spec = importlib.util.spec_from_file_location("tuning_speed_bench", REPO / "benchmarks" / "tuning_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("tuning_speed")
 
 
 def test_tuning_speed_runs_a_trees_tuner_and_compares_each_round_with_its_own_autoround(tmp_path):
@@ -213,7 +213,6 @@ def test_matmul_floor_counts_every_unavoidable_matmul_of_a_block_and_skips_the_f
     floor = speed.matmul_floor(model_dir, iters=3, batch=2, seq_len=16, repeats=1)
     assert floor["first_layers"] == ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
     assert (floor["blocks"], floor["steps"], floor["linear_layers"]) == (2, 6, 7)
-    import json
     config = json.loads((model_dir / "config.json").read_text())
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
@@ -229,9 +228,7 @@ def test_matmul_floor_counts_every_unavoidable_matmul_of_a_block_and_skips_the_f
 def test_step_profile_splits_a_profile_into_matmuls_attention_and_the_rest():
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("step_profile_bench", REPO / "benchmarks" / "step_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("step_profile")
     events = [SimpleNamespace(key=k, self_cpu_time_total=us) for k, us in [
         ("aten::mm", 40_000), ("aten::addmm", 4_000), (module.ATTENTION_FORWARD, 6_000),
         (module.ATTENTION_BACKWARD, 10_000), ("aten::mul", 3_000), ("## Call CompiledFxGraph abc", 1_000)]]
